@@ -1,0 +1,17 @@
+# The two commands a new user runs. Each builds .venv first if it is missing or stale.
+PY := .venv/bin/python
+DEMO_DIR ?= outputs/demo
+
+.PHONY: env demo test clean
+
+env:
+	@bash scripts/setup_env.sh
+
+demo: env
+	$(PY) -m medusa_ray pipeline --config configs/demo.yaml
+
+test: env
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf outputs .pytest_cache

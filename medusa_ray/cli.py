@@ -1,0 +1,144 @@
+"""``medusa-ray`` command line: parse arguments, build the config, call one stage, print the result.
+
+Every stage subcommand takes ``--config FILE.yaml`` plus dotted overrides (``train.num_workers=2``);
+stage-specific flags are shorthands for overrides, so the config object stays the single source of truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from medusa_ray.config import Config, load_config
+from medusa_ray.errors import UserError
+
+# flag dest -> dotted config key; a flag given on the command line becomes an override.
+_FLAG_KEYS: dict[str, dict[str, str]] = {
+    "distill": {"input": "distill.input", "output": "distill.output_dir"},
+    "train": {"data": "train.data"},
+    "export": {
+        "output": "export.output_dir",
+        "push_to_hub": "export.push_to_hub",
+        "private": "export.private",
+        "overwrite": "export.overwrite",
+    },
+    "eval": {
+        "model": "model",
+        "prompts": "eval.prompts",
+        "num_prompts": "eval.num_prompts",
+        "max_tokens": "eval.max_tokens",
+        "heldout": "eval.heldout",
+        "output_json": "eval.output_json",
+        "plot": "eval.plot",
+    },
+    "pipeline": {},
+}
+
+
+def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections: model, ray, distill, train, "
+                   "export, eval)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medusa-ray",
+        description="Train Medusa heads for a Hugging Face causal LM on a Ray cluster.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-tiny-model", help="write the embedded tiny Llama model (no download)",
+                       description="Write a tiny Llama model directory that transformers and vLLM load.")
+    p.add_argument("out_dir", help="directory to write")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="briefly train on generated conversations so outputs have structure (0: random)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = _stage_parser(sub, "distill", "regenerate assistant turns with the base model into Parquet")
+    p.add_argument("--input", help="prompts file or directory (= distill.input)")
+    p.add_argument("--output", help="output directory (= distill.output_dir)")
+
+    p = _stage_parser(sub, "train", "train Medusa heads on distilled Parquet with Ray Train + DeepSpeed")
+    p.add_argument("--data", help="distilled Parquet (= train.data)")
+
+    p = _stage_parser(sub, "export", "write a Medusa directory that vLLM and TGI load; optionally push it")
+    p.add_argument("--checkpoint", help="Ray Train checkpoint dir (default: latest of train.run_name)")
+    p.add_argument("--output", help="= export.output_dir")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="= export.push_to_hub")
+    p.add_argument("--private", action="store_true", default=None, help="create the Hub repo private")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing export")
+
+    p = _stage_parser(sub, "eval", "measure acceptance length and speed-up with vLLM speculative decoding")
+    p.add_argument("--model", help="base model (= model)")
+    p.add_argument("--medusa", help="exported Medusa directory (default: export.output_dir)")
+    p.add_argument("--prompts", help="= eval.prompts")
+    p.add_argument("--num-prompts", type=int, help="= eval.num_prompts")
+    p.add_argument("--max-tokens", type=int, help="= eval.max_tokens")
+    p.add_argument("--heldout", help="distilled Parquet for per-head accuracy (= eval.heldout)")
+    p.add_argument("--output-json", help="= eval.output_json")
+    p.add_argument("--plot", help="PNG of acceptance per position (= eval.plot)")
+
+    _stage_parser(sub, "pipeline", "distill -> train -> export -> eval in one run")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    for dest, key in _FLAG_KEYS.get(args.command, {}).items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            # repr keeps strings as YAML strings ('007' stays text) and numbers/bools as they are.
+            overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+    return load_config(args.config, overrides)
+
+
+def _run_stage(args: argparse.Namespace, cfg: Config) -> None:
+    if args.command == "distill":
+        from medusa_ray import distill
+
+        distill.run(cfg)
+    elif args.command == "train":
+        from medusa_ray import train
+
+        train.run(cfg)
+    elif args.command == "export":
+        from medusa_ray import export
+
+        export.run(cfg, checkpoint=args.checkpoint)
+    elif args.command == "eval":
+        from medusa_ray import evaluate
+
+        evaluate.run(cfg, medusa_dir=args.medusa)
+    elif args.command == "pipeline":
+        from medusa_ray import pipeline
+
+        pipeline.run(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "make-tiny-model":
+            from medusa_ray.tiny import make_tiny_model
+
+            path = make_tiny_model(args.out_dir, pretrain_steps=args.pretrain_steps, seed=args.seed)
+            print(f"tiny model written to {path}")
+            return 0
+        cfg = _config_from_args(args)
+        _run_stage(args, cfg)
+        return 0
+    except UserError as exc:
+        print(f"medusa-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+if __name__ == "__main__":
+    sys.exit(main())

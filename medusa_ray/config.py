@@ -1,0 +1,219 @@
+"""One validated configuration object for every stage.
+
+A run is described by a YAML file plus dotted command-line overrides (``train.num_workers=2``).
+Everything is validated up front, so a typo fails in one line naming the key instead of deep
+inside a Ray worker twenty minutes later.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medusa_ray.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration problem, phrased as one line that names the offending key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, and assignments are re-validated, so a config can never hold junk.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RayConfig(_Section):
+    address: Optional[str] = None
+    """Cluster to join: ``auto`` (a running cluster, as under ``ray job submit``) or ``ray://host:10001``.
+    Empty starts a local cluster."""
+    num_cpus: Optional[int] = Field(None, ge=1)
+    """Logical CPUs of a local cluster. Default: enough that a Serve replica and Ray Data actors fit
+    side by side even on a 2-core machine."""
+
+
+class DistillConfig(_Section):
+    input: Optional[str] = None
+    """Prompts: ShareGPT JSON, messages JSONL, Parquet with a ``messages`` column, or a ``datasets`` dir."""
+    format: Literal["auto", "sharegpt", "jsonl", "parquet", "hf"] = "auto"
+    output_dir: str = "outputs/distill"
+    limit: Optional[int] = Field(None, ge=1)
+    mode: Literal["chat", "completion"] = "chat"
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1)
+    seed: int = 0
+    endpoint: Optional[str] = None
+    """Use an existing OpenAI-compatible server (vLLM, TGI) at this base URL instead of a Serve deployment."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's API key, if it needs one."""
+    num_replicas: int = Field(1, ge=1)
+    min_replicas: Optional[int] = Field(None, ge=0)
+    max_replicas: Optional[int] = Field(None, ge=1)
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Passed to the vLLM engine (e.g. ``max_model_len``, ``tensor_parallel_size``)."""
+    batch_size: int = Field(16, ge=1)
+    """Requests per Ray Data batch sent to the engine."""
+    concurrency: int = Field(1, ge=1)
+    """Ray Data actors sending requests."""
+    shard_size: int = Field(256, ge=1)
+    """Conversations per output Parquet shard; a shard is the unit of resume."""
+    max_retries: int = Field(2, ge=0)
+    """Extra attempts for a failed or truncated request before it is recorded as an error."""
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "DistillConfig":
+        if self.min_replicas is not None and self.max_replicas is not None:
+            if self.min_replicas > self.max_replicas:
+                raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class TrainConfig(_Section):
+    data: Optional[str] = None
+    """Distilled Parquet to train on. Default: ``distill.output_dir``."""
+    medusa_num_heads: int = Field(3, ge=1)
+    medusa_num_layers: int = Field(1, ge=1)
+    share_lm_head: bool = False
+    head_decay: float = Field(0.8, gt=0.0, le=1.0)
+    topk: int = Field(3, ge=1)
+    max_length: int = Field(512, ge=8)
+    logits_chunk_tokens: int = Field(1024, ge=1)
+    """Tokens per chunk when computing head logits: bounds peak memory at large vocabularies."""
+    num_workers: int = Field(1, ge=1)
+    use_gpu: Literal["auto", True, False] = "auto"
+    zero_stage: int = Field(2, ge=0, le=3)
+    batch_size: int = Field(8, ge=1)
+    """Sequences per worker per micro-step."""
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    """Optimizer steps to train; overrides ``epochs`` when set."""
+    epochs: int = Field(1, ge=1)
+    seed: int = 0
+    deepspeed_config: Optional[str] = None
+    """A full DeepSpeed JSON config; replaces the one built from the keys above."""
+    storage_path: str = "outputs/ray_results"
+    """Where Ray Train keeps checkpoints: a local path, NFS mount or ``s3://`` URI shared by all nodes."""
+    run_name: str = "medusa"
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0)
+    log_every: int = Field(1, ge=1)
+    tracking: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "medusa-ray"
+    wandb_entity: Optional[str] = None
+    mlflow_tracking_uri: Optional[str] = None
+    """Default: a local ``file:`` store inside the run's storage path."""
+    mlflow_experiment: str = "medusa-ray"
+    fail_at_step: Optional[int] = Field(None, ge=1)
+    """Testing aid: worker rank 0 raises once when it reaches this step, to exercise fault recovery."""
+
+
+class ExportConfig(_Section):
+    output_dir: str = "outputs/export"
+    push_to_hub: Optional[str] = None
+    private: bool = False
+    overwrite: bool = False
+
+
+class EvalConfig(_Section):
+    prompts: Optional[str] = None
+    """Prompts to decode. Default: conversations held back from distillation."""
+    num_prompts: int = Field(16, ge=1)
+    max_tokens: int = Field(64, ge=1)
+    num_speculative_tokens: Optional[int] = Field(None, ge=1)
+    """Draft tokens per step. Default: the number of trained heads."""
+    heldout: Optional[str] = None
+    output_json: Optional[str] = None
+    plot: Optional[str] = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class Config(_Section):
+    model: str = "outputs/tiny-model"
+    """Base model: a local directory or a Hugging Face Hub id."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def train_data(self) -> str:
+        return self.train.data or self.distill.output_dir
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key")
+    # YAML scalars give the natural types: 2 -> int, true -> bool, [a, b] -> list, null -> None.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
+        return f"{key}: {message} (got {error['input']!r})"
+    return f"{key}: {message}"
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Validate a config tree plus dotted overrides; raise ConfigError with a one-line message."""
+    tree: dict[str, Any] = dict(data or {})
+    for text in overrides or []:
+        parts, value = _parse_override(text)
+        _set_dotted(tree, parts, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"invalid config: {_describe(errors[0])}{more}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (if given), apply ``section.key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        data = loaded or {}
+    return build_config(data, overrides)
