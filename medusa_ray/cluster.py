@@ -25,7 +25,6 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    # Our own package must be importable on every worker, including when run from a checkout.
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if cfg.address:
         log.info("joining Ray cluster at %s", cfg.address)
@@ -33,4 +32,5 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         num_cpus = local_num_cpus(cfg)
         log.info("starting a local Ray cluster with %d logical CPUs", num_cpus)
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+        store = int(cfg.object_store_gb * 2**30) if cfg.object_store_gb else None
+        ray.init(num_cpus=num_cpus, object_store_memory=store, runtime_env=runtime_env, include_dashboard=False)

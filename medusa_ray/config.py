@@ -33,6 +33,8 @@ class RayConfig(_Section):
     num_cpus: Optional[int] = Field(None, ge=1)
     """Logical CPUs of a local cluster. Default: enough that a Serve replica and Ray Data actors fit
     side by side even on a 2-core machine."""
+    object_store_gb: Optional[float] = Field(None, gt=0)
+    """Object store size of a local cluster (default: Ray's, 30% of RAM)."""
 
 
 class DistillConfig(_Section):

@@ -43,7 +43,7 @@ def ray_session():
     from medusa_ray.cluster import init_ray
     from medusa_ray.config import RayConfig
 
-    init_ray(RayConfig(num_cpus=8))
+    init_ray(RayConfig(num_cpus=8, object_store_gb=1.0))
     yield ray
     try:
         from ray import serve
