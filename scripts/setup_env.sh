@@ -22,6 +22,8 @@ fi
 echo ">> building $VENV for $FLAVOR ($LOCK)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+# Machine-wide pip settings here may name local indexes that are absent; those warnings are noise.
+exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 if [ "$FLAVOR" = cpu ]; then
     # The CPU build of torch first, so nothing below pulls the multi-GB CUDA build.
     $PIP install -q -c "$LOCK" "torch==2.13.0"
