@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,7 +23,9 @@ class ConfigError(UserError):
 
 class _Section(BaseModel):
     # Unknown keys are errors, and assignments are re-validated, so a config can never hold junk.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), use_attribute_docstrings=True
+    )
 
 
 class RayConfig(_Section):
@@ -41,21 +43,33 @@ class DistillConfig(_Section):
     input: Optional[str] = None
     """Prompts: ShareGPT JSON, messages JSONL, Parquet with a ``messages`` column, or a ``datasets`` dir."""
     format: Literal["auto", "sharegpt", "jsonl", "parquet", "hf"] = "auto"
+    """Input format; ``auto`` detects it from the file name and content."""
     output_dir: str = "outputs/distill"
+    """Sharded Parquet output (errors under ``errors/``); re-running skips conversations already there."""
     limit: Optional[int] = Field(None, ge=1)
+    """Distill only the first N conversations."""
     mode: Literal["chat", "completion"] = "chat"
+    """``chat`` applies the base model's chat template; ``completion`` treats the prompt as raw text."""
     temperature: float = Field(0.0, ge=0.0)
+    """Sampling temperature (0 = greedy)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
     max_tokens: int = Field(256, ge=1)
+    """Maximum tokens generated per assistant turn."""
     seed: int = 0
+    """Sampling seed."""
     endpoint: Optional[str] = None
     """Use an existing OpenAI-compatible server (vLLM, TGI) at this base URL instead of a Serve deployment."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the endpoint's API key, if it needs one."""
     num_replicas: int = Field(1, ge=1)
+    """vLLM Serve replicas (fixed), unless min/max_replicas turn on autoscaling."""
     min_replicas: Optional[int] = Field(None, ge=0)
+    """Autoscaling lower bound (replicas scale with queued requests)."""
     max_replicas: Optional[int] = Field(None, ge=1)
+    """Autoscaling upper bound."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where vLLM runs; ``auto`` picks GPU when the cluster has one."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to the vLLM engine (e.g. ``max_model_len``, ``tensor_parallel_size``)."""
     batch_size: int = Field(16, ge=1)
@@ -79,63 +93,97 @@ class TrainConfig(_Section):
     data: Optional[str] = None
     """Distilled Parquet to train on. Default: ``distill.output_dir``."""
     medusa_num_heads: int = Field(3, ge=1)
+    """K: number of Medusa heads; head k predicts token t+k+2."""
     medusa_num_layers: int = Field(1, ge=1)
+    """L: residual blocks per head."""
     share_lm_head: bool = False
+    """Project every head through the frozen base ``lm_head`` instead of a trainable copy each."""
     head_decay: float = Field(0.8, gt=0.0, le=1.0)
+    """Loss weight of head k is ``head_decay ** k``."""
     topk: int = Field(3, ge=1)
+    """Report top-1 .. top-k accuracy per head."""
     max_length: int = Field(512, ge=8)
+    """Tokens per training sequence; longer conversations are truncated (and counted)."""
     logits_chunk_tokens: int = Field(1024, ge=1)
     """Tokens per chunk when computing head logits: bounds peak memory at large vocabularies."""
     num_workers: int = Field(1, ge=1)
+    """Ray Train workers (one per GPU on GPU nodes)."""
     use_gpu: Literal["auto", True, False] = "auto"
+    """Train on GPUs; ``auto`` uses them when the cluster has any."""
     zero_stage: int = Field(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage."""
     batch_size: int = Field(8, ge=1)
     """Sequences per worker per micro-step."""
     grad_accum: int = Field(1, ge=1)
+    """Micro-steps per optimizer step."""
     lr: float = Field(1e-3, gt=0.0)
+    """Peak learning rate (linear warmup, then cosine decay)."""
     weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
     warmup_steps: int = Field(10, ge=0)
+    """Linear warmup steps."""
     max_steps: Optional[int] = Field(None, ge=1)
     """Optimizer steps to train; overrides ``epochs`` when set."""
     epochs: int = Field(1, ge=1)
+    """Passes over the data when ``max_steps`` is not set."""
     seed: int = 0
+    """Seed for head initialisation and data order."""
     deepspeed_config: Optional[str] = None
     """A full DeepSpeed JSON config; replaces the one built from the keys above."""
     storage_path: str = "outputs/ray_results"
     """Where Ray Train keeps checkpoints: a local path, NFS mount or ``s3://`` URI shared by all nodes."""
     run_name: str = "medusa"
+    """Ray Train run name; re-running with the same name and storage path resumes."""
     checkpoint_every: int = Field(50, ge=1)
+    """Save a checkpoint every N optimizer steps (and at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept in storage."""
     max_failures: int = Field(1, ge=0)
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
     log_every: int = Field(1, ge=1)
+    """Report metrics every N steps."""
     tracking: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers receiving the metrics (rank 0 only)."""
     wandb_project: str = "medusa-ray"
+    """W&B project."""
     wandb_entity: Optional[str] = None
+    """W&B entity (team or user)."""
     mlflow_tracking_uri: Optional[str] = None
     """Default: a local ``file:`` store inside the run's storage path."""
     mlflow_experiment: str = "medusa-ray"
+    """MLflow experiment name."""
     fail_at_step: Optional[int] = Field(None, ge=1)
     """Testing aid: worker rank 0 raises once when it reaches this step, to exercise fault recovery."""
 
 
 class ExportConfig(_Section):
     output_dir: str = "outputs/export"
+    """Export directory (``medusa_lm_head.safetensors``, ``config.json``, tokenizer, model card)."""
     push_to_hub: Optional[str] = None
+    """``org/name`` to push the export to (token from ``HF_TOKEN`` or the Hugging Face login)."""
     private: bool = False
+    """Create the Hub repo private."""
     overwrite: bool = False
+    """Replace an existing, different export in ``output_dir``."""
 
 
 class EvalConfig(_Section):
     prompts: Optional[str] = None
     """Prompts to decode. Default: conversations held back from distillation."""
     num_prompts: int = Field(16, ge=1)
+    """Prompts to decode."""
     max_tokens: int = Field(64, ge=1)
+    """Tokens generated per prompt."""
     num_speculative_tokens: Optional[int] = Field(None, ge=1)
     """Draft tokens per step. Default: the number of trained heads."""
     heldout: Optional[str] = None
+    """Distilled Parquet for teacher-forced per-head accuracy."""
     output_json: Optional[str] = None
+    """Write the results as JSON here."""
     plot: Optional[str] = None
+    """Write a PNG of acceptance per position (and per-head accuracy) here."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Passed to both vLLM engines."""
 
 
 class Config(_Section):
@@ -219,3 +267,36 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         data = loaded or {}
     return build_config(data, overrides)
+
+
+def reference_markdown() -> str:
+    """The README's config reference table, generated from the field docstrings above."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def type_name(annotation) -> str:
+        origin, args = get_origin(annotation), get_args(annotation)
+        if origin is Literal:
+            return " \\| ".join(str(a) for a in args)
+        if origin is list:
+            return f"list of {type_name(args[0])}"
+        if origin is dict:
+            return "mapping"
+        if args and type(None) in args:  # Optional[X]
+            return type_name(next(a for a in args if a is not type(None)))
+        return getattr(annotation, "__name__", str(annotation))
+
+    def default(field) -> str:
+        value = field.get_default(call_default_factory=True)
+        return "—" if value is None or value == {} else f"`{value}`"
+
+    def describe(field) -> str:
+        return " ".join((field.description or "").split()).replace("``", "`").replace("|", "\\|")
+
+    for name, field in Config.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, _Section):
+            for key, sub in section.model_fields.items():
+                rows.append(f"| `{name}.{key}` | {type_name(sub.annotation)} | {default(sub)} | {describe(sub)} |")
+        else:
+            rows.append(f"| `{name}` | {type_name(field.annotation)} | {default(field)} | {describe(field)} |")
+    return "\n".join(rows)
