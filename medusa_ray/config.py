@@ -184,6 +184,8 @@ class EvalConfig(_Section):
     """Write a PNG of acceptance per position (and per-head accuracy) here."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to both vLLM engines."""
+    compare_untrained: bool = True
+    """In ``pipeline``: also measure heads of the same shape before training, to show what training bought."""
 
 
 class Config(_Section):
