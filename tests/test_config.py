@@ -58,3 +58,11 @@ def test_config_file_errors_name_the_file(tmp_path: Path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_readme_config_reference_is_current():
+    from medusa_ray.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
+    assert section.strip() == reference_markdown().strip(), "run: python scripts/sync_readme.py"
