@@ -33,4 +33,7 @@ def init_ray(cfg: RayConfig) -> None:
         num_cpus = local_num_cpus(cfg)
         log.info("starting a local Ray cluster with %d logical CPUs", num_cpus)
         store = int(cfg.object_store_gb * 2**30) if cfg.object_store_gb else None
-        ray.init(num_cpus=num_cpus, object_store_memory=store, runtime_env=runtime_env, include_dashboard=False)
+        # "local" always starts a fresh cluster; without it ray.init() silently joins whatever cluster
+        # `ray start` last left running on this machine.
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=store, runtime_env=runtime_env,
+                 include_dashboard=False)
