@@ -1,0 +1,57 @@
+"""What every ``jobs/<stage>.py`` does: parse arguments exactly like the CLI, join the cluster the job
+runs in, run one stage.
+
+Under ``ray job submit`` the driver runs on the cluster with ``RAY_ADDRESS`` set, so ``ray.address``
+defaults to ``auto`` here (join, never start a private cluster). Pass ``ray.address=`` (empty) to start
+a local one anyway, or ``ray.address=ray://HOST:10001`` to drive a remote cluster from a laptop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+# `python jobs/x.py` puts jobs/ on sys.path, not the project root. Ray's working_dir adds the root to
+# PYTHONPATH, but a plain `python jobs/x.py` on a head node should import the same checkout too.
+_ROOT = Path(__file__).resolve().parents[1]
+if (_ROOT / "medusa_ray").is_dir() and str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+
+def main(stage: str, argv: list[str] | None = None) -> int:
+    from medusa_ray import cli
+    from medusa_ray.cluster import init_ray
+    from medusa_ray.errors import UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = cli.build_parser()
+    parser.prog = f"jobs/{stage}.py"
+    args = parser.parse_args([stage, *argv])
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = cli._config_from_args(args)
+        if cfg.ray.address is None:
+            cfg.ray.address = "auto"
+        _join(cfg, init_ray)
+        cli._run_stage(args, cfg)
+    except UserError as exc:
+        print(f"jobs/{stage}.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _join(cfg, init_ray) -> None:
+    """Connect before the stage starts, so a missing cluster is one clear line, not a stage traceback."""
+    from medusa_ray.errors import UserError
+
+    try:
+        init_ray(cfg.ray)
+    except ConnectionError as exc:
+        raise UserError(
+            f"no Ray cluster at ray.address={cfg.ray.address!r} ({str(exc).splitlines()[0]}); submit with "
+            "`ray job submit`, start one with `ray start --head`, or pass `ray.address=` to run locally"
+        ) from None
