@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from medusa_ray.model.loss import IGNORE_INDEX, linear_cross_entropy
+
 
 class ResBlock(nn.Module):
     """x + SiLU(Wx + b), zero-initialised so an untrained head starts as the base lm_head."""
@@ -26,6 +28,22 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + F.silu(self.linear(x))
+
+
+class VocabProjection(nn.Linear):
+    """A head's vocab projection (``{k}.{L}.weight``). Called with ``target`` it returns the chunked
+    cross-entropy instead of logits: the loss has to run inside this module's forward so that ZeRO-3
+    has gathered the weight."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+
+    def forward(self, h: torch.Tensor, target: torch.Tensor | None = None, chunk_tokens: int = 1024, topk: int = 1):
+        if target is None:
+            return F.linear(h, self.weight)
+        return linear_cross_entropy(h, self.weight, target, chunk_tokens, topk)
 
 
 class MedusaHeads(nn.ModuleList):
@@ -42,10 +60,7 @@ class MedusaHeads(nn.ModuleList):
         for _ in range(num_heads):
             blocks: list[nn.Module] = [ResBlock(hidden_size) for _ in range(num_layers)]
             if not share_lm_head:
-                proj = nn.Linear(hidden_size, vocab_size, bias=False)
-                with torch.no_grad():
-                    proj.weight.copy_(lm_head_weight)
-                blocks.append(proj)
+                blocks.append(VocabProjection(lm_head_weight.detach()))
             heads.append(nn.Sequential(*blocks))
         super().__init__(heads)
         self.num_heads = num_heads
@@ -70,6 +85,41 @@ class MedusaHeads(nn.ModuleList):
             return F.linear(h, self.shared_lm_head.to(h.dtype))
         return self[k][self.num_layers](h)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Full logits of every head; fine for inference on a few positions, not for training batches."""
-        return [self.project(k, self.hidden(k, x)) for k in range(self.num_heads)]
+    def head_loss(self, k: int, h: torch.Tensor, target: torch.Tensor, chunk_tokens: int, topk: int):
+        """Head k's summed cross-entropy and top-1..topk hit counts for hidden states ``h`` [N, H]."""
+        z = self.hidden(k, h)
+        if self.share_lm_head:
+            return linear_cross_entropy(z, self.shared_lm_head.to(z.dtype), target, chunk_tokens, topk)
+        return self[k][self.num_layers](z, target, chunk_tokens, topk)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        head_decay: float = 0.8,
+        topk: int = 1,
+        chunk_tokens: int = 1024,
+    ):
+        """Without ``labels``: full logits of every head (inference on a few positions).
+
+        With ``labels`` [B, T] (``-100`` = no label): the training loss, as ``(loss, stats)`` where
+        ``loss = sum_k head_decay**k * mean CE of head k`` over the positions whose target token
+        (t + k + 2) carries a label, and ``stats`` [K, 2 + topk] holds per head the summed loss, the
+        number of positions and the top-1..topk hit counts (detached, summable across ranks).
+        """
+        if labels is None:
+            return [self.project(k, self.hidden(k, hidden)) for k in range(self.num_heads)]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        stats = []
+        seq_len = hidden.shape[1]
+        for k in range(self.num_heads):
+            shift = k + 2
+            target = labels[:, shift:]
+            keep = target != IGNORE_INDEX
+            h = hidden[:, : max(seq_len - shift, 0)][keep]
+            y = target[keep]
+            loss_sum, correct = self.head_loss(k, h, y, chunk_tokens, topk)
+            n = y.numel()
+            total = total + (head_decay**k) * loss_sum / max(n, 1)
+            stats.append(torch.cat([loss_sum.detach().reshape(1), loss_sum.new_tensor([n]), correct]))
+        return total, torch.stack(stats)

@@ -1,8 +1,221 @@
-"""train: Medusa heads on the frozen base model with Ray Train + DeepSpeed."""
+"""train: Medusa heads on the frozen base model with Ray Train + DeepSpeed.
+
+``run(cfg)`` checks everything it can on the driver (data, base model, DeepSpeed JSON, an existing
+checkpoint of the same run), then starts a ``TorchTrainer`` whose workers run ``worker.train_loop``.
+A re-run with the same ``train.run_name`` and ``train.storage_path`` continues from the run's latest
+checkpoint (Ray Train V2 restores it from the run directory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
+from medusa_ray.train.checkpoints import find_latest_checkpoint, read_meta
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "run", "find_latest_checkpoint"]
 
 
-def run(cfg: Config):
-    raise UserError("train is not implemented yet")
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    global_step: int
+    metrics: dict[str, Any]
+    resumed_from: int = 0
+    """Global step the last training attempt started from (0: from scratch)."""
+    run_dir: Path | None = None
+    plot: Path | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def run(cfg: Config) -> TrainResult:
+    """Train the heads; return the final checkpoint, its global step and its metrics."""
+    from medusa_ray.cluster import init_ray
+    from medusa_ray.train.data import READ_COLUMNS, check_schema, list_data_files
+
+    cfg = _resolve_paths(cfg)
+    t = cfg.train
+    files = list_data_files(cfg.train_data)
+    columns = _columns(files)
+    check_schema(files)
+    hidden_size, vocab_size = _base_dims(cfg.model)
+    if t.deepspeed_config:
+        _check_deepspeed_json(t.deepspeed_config)
+    run_dir = _run_dir(cfg)
+    _check_resumable(cfg, hidden_size, vocab_size)
+
+    init_ray(cfg.ray)
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from medusa_ray.train.data import tokenize_batch
+    from medusa_ray.train.worker import train_loop
+
+    ds = ray.data.read_parquet(files, columns=[c for c in READ_COLUMNS if c in columns])
+    rows = ds.count()
+    if rows == 0:
+        raise UserError(f"train data {cfg.train_data} has no rows")
+    per_step = t.num_workers * t.batch_size * t.grad_accum
+    total_steps = t.max_steps or max(1, t.epochs * math.ceil(rows / per_step))
+    ds = ds.map_batches(tokenize_batch, fn_kwargs={"model": cfg.model, "max_length": t.max_length},
+                        batch_format="numpy", batch_size=64)
+
+    use_gpu = t.use_gpu if t.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+    log.info("training %d heads on %d rows for %d steps with %d worker(s), ZeRO %d", t.medusa_num_heads, rows,
+             total_steps, t.num_workers, t.zero_stage)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "total_steps": total_steps, "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(use_gpu)),
+        run_config=RunConfig(
+            name=t.run_name,
+            storage_path=t.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        bad_row = re.search(r"train data row id=[^\n]*", str(exc))
+        if bad_row:
+            raise UserError(bad_row.group(0)) from None
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint in {t.storage_path}/{t.run_name}")
+
+    checkpoint = Path(result.checkpoint.path)
+    meta = read_meta(checkpoint) if (checkpoint / "medusa_meta.json").is_file() else {}
+    out = result.return_value or {}
+    metrics = out.get("metrics") or meta.get("metrics") or dict(result.metrics or {})
+    global_step = int(meta.get("global_step", metrics.get("step", 0)))
+    plot = _plot(run_dir)
+    _print_summary(metrics, t.medusa_num_heads, t.head_decay, t.topk, global_step, checkpoint)
+    return TrainResult(checkpoint=checkpoint, global_step=global_step, metrics=metrics,
+                       resumed_from=int(out.get("resumed_from", global_step)), run_dir=run_dir, plot=plot,
+                       data=meta.get("data", {}))
+
+
+def _resolve_paths(cfg: Config) -> Config:
+    """Absolute paths: Ray Train workers run in their own working directory."""
+    cfg = cfg.model_copy(deep=True)
+    if Path(cfg.model).expanduser().exists():
+        cfg.model = str(Path(cfg.model).expanduser().resolve())
+    cfg.train.data = str(Path(cfg.train_data).expanduser().resolve())
+    if "://" not in cfg.train.storage_path:
+        cfg.train.storage_path = str(Path(cfg.train.storage_path).expanduser().resolve())
+    if cfg.train.deepspeed_config:
+        cfg.train.deepspeed_config = str(Path(cfg.train.deepspeed_config).expanduser().resolve())
+    return cfg
+
+
+def _run_dir(cfg: Config) -> Path:
+    """The run's local directory (tracker logs, metrics.jsonl, the loss plot)."""
+    t = cfg.train
+    if "://" in t.storage_path:
+        return Path("outputs/runs").resolve() / t.run_name
+    return Path(t.storage_path) / t.run_name
+
+
+def _columns(files: list[str]) -> set[str]:
+    import pyarrow.parquet as pq
+
+    cols: set[str] | None = None
+    for f in files:
+        try:
+            names = set(pq.read_schema(f).names)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{f}: not a readable Parquet file: {exc}") from None
+        cols = names if cols is None else cols & names
+    return cols or set()
+
+
+def _base_dims(model: str) -> tuple[int, int]:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except Exception as exc:  # noqa: BLE001 - a missing or unreadable model is the user's to fix
+        raise UserError(f"model {model!r}: cannot load its config ({str(exc).splitlines()[0]})") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size), int(text.vocab_size)
+
+
+def _check_deepspeed_json(path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"train.deepspeed_config: {path} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"train.deepspeed_config: {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"train.deepspeed_config: {path} must hold a JSON object")
+
+
+def _check_resumable(cfg: Config, hidden_size: int, vocab_size: int) -> None:
+    """A re-run resumes the run's latest checkpoint; refuse one that cannot fit this config."""
+    t = cfg.train
+    if "://" in t.storage_path:
+        return
+    latest = find_latest_checkpoint(t.storage_path, t.run_name)
+    if latest is None:
+        return
+    meta = read_meta(latest)
+    expected = {
+        "medusa_num_heads": t.medusa_num_heads,
+        "medusa_num_layers": t.medusa_num_layers,
+        "share_lm_head": t.share_lm_head,
+        "hidden_size": hidden_size,
+        "vocab_size": vocab_size,
+    }
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise UserError(
+                f"run {t.run_name!r} in {t.storage_path} has a checkpoint ({latest.name}) with {key}={meta.get(key)!r} "
+                f"but this config gives {value!r}; use another train.run_name to start a new run"
+            )
+    if meta.get("zero_stage", 0) > 0 and meta.get("world_size") != t.num_workers:
+        raise UserError(
+            f"run {t.run_name!r}: checkpoint {latest.name} was written by {meta.get('world_size')} workers with ZeRO "
+            f"stage {meta.get('zero_stage')}; resume with train.num_workers={meta.get('world_size')}"
+        )
+    log.info("resuming run %r from %s (step %s)", t.run_name, latest, meta.get("global_step"))
+
+
+def _plot(run_dir: Path) -> Path | None:
+    from medusa_ray.train.plots import plot_head_losses
+
+    metrics_file = run_dir / "metrics.jsonl"
+    if not metrics_file.is_file():
+        return None
+    try:
+        return plot_head_losses(metrics_file, run_dir / "head_losses.png")
+    except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
+        log.warning("could not plot head losses: %s", exc)
+        return None
+
+
+def _print_summary(metrics: dict[str, Any], num_heads: int, decay: float, topk: int, step: int, ckpt: Path) -> None:
+    tops = [f"top{i}" for i in range(1, topk + 1)]
+    lines = [f"{'head':>4}  {'predicts':>8}  {'weight':>6}  {'loss':>7}  " + "  ".join(f"{c:>6}" for c in tops)]
+    for k in range(num_heads):
+        loss = metrics.get(f"medusa{k}_loss", float("nan"))
+        accs = "  ".join(f"{metrics.get(f'medusa{k}_{c}', float('nan')):>6.3f}" for c in tops)
+        lines.append(f"{k:>4}  {'t+' + str(k + 2):>8}  {decay**k:>6.3f}  {loss:>7.4f}  {accs}")
+    print(f"\ntrained Medusa heads: step {step}, loss {metrics.get('loss', float('nan')):.4f}, "
+          f"{metrics.get('tokens_per_s', float('nan')):.0f} tokens/s")
+    print("\n".join(lines))
+    print(f"checkpoint: {ckpt}\n")

@@ -1,0 +1,352 @@
+"""The training loop that runs on every Ray Train worker: frozen base + MedusaHeads under DeepSpeed.
+
+Only the heads go to ``deepspeed.initialize``, so the optimizer, ZeRO partitioning and the checkpoint
+hold nothing but head parameters, under the heads' own state_dict keys. The base runs its decoder
+only (no lm_head, no logits) under ``no_grad`` to produce the last hidden state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from medusa_ray.config import Config
+from medusa_ray.train import checkpoints
+from medusa_ray.train.data import collate
+
+log = logging.getLogger(__name__)
+
+FAIL_MARKER = ".fail_at_step_{step}.done"
+
+
+@dataclass
+class Progress:
+    """What a checkpoint must remember besides the weights: where in the data we are."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
+    rows: int = 0  # all ranks, cumulative
+    tokens: int = 0
+    truncated: int = 0
+
+
+def build_models(cfg: Config, device, dtype):
+    """The frozen base (every parameter requires_grad=False) and fresh heads initialised from its lm_head."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medusa_ray.model.heads import MedusaHeads
+
+    t = cfg.train
+    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    base.requires_grad_(False)
+    base.eval()
+    base.to(device)
+    lm_head = base.get_output_embeddings().weight
+    torch.manual_seed(t.seed)
+    heads = MedusaHeads(t.medusa_num_heads, t.medusa_num_layers, lm_head, share_lm_head=t.share_lm_head)
+    heads.to(device=device, dtype=dtype)
+    return base, heads
+
+
+def decoder_of(base):
+    """The transformer body without the lm_head: we only ever need its last hidden state."""
+    get = getattr(base, "get_decoder", None)
+    decoder = get() if get is not None else None
+    return decoder if decoder is not None else base.model
+
+
+def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, total_steps: int) -> dict[str, Any]:
+    """The DeepSpeed config built from ``train.*``, or the user's full JSON when ``train.deepspeed_config``."""
+    t = cfg.train
+    built = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": t.zero_stage},
+        # torch's AdamW: DeepSpeed's own Adam ops would need a JIT compile (CPU Adam, FusedAdam).
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(total_steps, 1),
+                "warmup_num_steps": max(min(t.warmup_steps, total_steps - 1), 1),
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": 0.0,
+            },
+        },
+        "bf16": {"enabled": on_gpu},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if not t.deepspeed_config:
+        return built
+    user = json.loads(Path(t.deepspeed_config).read_text())
+    if not any(k in user for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
+        user["train_micro_batch_size_per_gpu"] = t.batch_size
+        user.setdefault("gradient_accumulation_steps", t.grad_accum)
+    # Without an optimizer DeepSpeed would run forward/backward and never update anything.
+    user.setdefault("optimizer", built["optimizer"])
+    return user
+
+
+def init_engine(heads, ds_config: dict[str, Any]):
+    import deepspeed
+
+    params = [p for p in heads.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=heads, model_parameters=params, config=ds_config)
+    return engine
+
+
+def step_metrics(stats, head_decay: float, topk: int) -> dict[str, float]:
+    """Per-head metrics from summed stats [K, 2 + topk] (loss_sum, n, hits@1..topk)."""
+    out: dict[str, float] = {}
+    total = 0.0
+    for k, row in enumerate(stats.tolist()):
+        n = max(row[1], 1.0)
+        loss_k = row[0] / n
+        total += head_decay**k * loss_k
+        out[f"medusa{k}_loss"] = loss_k
+        for i in range(topk):
+            out[f"medusa{k}_top{i + 1}"] = row[2 + i] / n
+    out["loss"] = total
+    return out
+
+
+def forward_backward(engine, decoder, batch, cfg: Config, device):
+    """One micro-step: base hidden states (no grad), heads' loss, DeepSpeed backward + step."""
+    import torch
+
+    ids, mask, labels = (x.to(device) for x in batch)
+    with torch.no_grad():
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    t = cfg.train
+    loss, stats = engine(hidden, labels=labels, head_decay=t.head_decay, topk=t.topk, chunk_tokens=t.logits_chunk_tokens)
+    engine.backward(loss)
+    engine.step()
+    return stats, int(mask.sum())
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train ``train_loop_per_worker``."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    cfg = Config.model_validate(config["cfg"])
+    t = cfg.train
+    total_steps: int = config["total_steps"]
+    run_dir = Path(config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+
+    base, heads = build_models(cfg, device, dtype)
+    decoder = decoder_of(base)
+    ds_config = deepspeed_config(cfg, world, on_gpu, total_steps)
+    trainable = sum(p.numel() for p in heads.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
+    engine = init_engine(heads, ds_config)
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    progress = Progress()
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            load_path, client = engine.load_checkpoint(str(Path(d) / checkpoints.DEEPSPEED_DIR))
+            if load_path is None:
+                raise RuntimeError(f"could not load the DeepSpeed checkpoint in {d}")
+            progress = Progress(**client["medusa_ray"])
+    resumed_from = progress.step
+
+    tracker = _open_tracker(cfg, run_dir) if rank == 0 else None
+    if tracker is not None and resumed is None:
+        tracker.log_params({"world_size": world, "total_steps": total_steps, "zero_stage": zero_stage,
+                            "trainable_params": trainable})
+    bar = _progress_bar(total_steps, progress.step) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    pad_id = _pad_id(base)
+
+    acc = torch.zeros(t.medusa_num_heads, 2 + t.topk, dtype=torch.float64)
+    acc_tokens = acc_rows = acc_trunc = 0
+    last_ckpt = progress.step if resumed is not None else -1
+    metrics: dict[str, Any] = {}
+    window_start = time.perf_counter()
+
+    def sync_sum(values: list[float]) -> list[float]:
+        x = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(x)
+        return x.tolist()
+
+    while progress.step < total_steps and (t.max_steps is not None or progress.epoch < t.epochs):
+        batches = iter(shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", prefetch_batches=2))
+        # Resume inside an epoch: skip what the checkpointed run already trained on.
+        for _ in range(progress.batches_in_epoch):
+            if next(batches, None) is None:
+                break
+        consumed_any = False
+        while progress.step < total_steps:
+            batch = next(batches, None)
+            # Every rank must take the same number of steps (collectives); stop the epoch together.
+            have = torch.tensor([0 if batch is None else 1])
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if not int(have):
+                break
+            consumed_any = True
+            stats, tokens = forward_backward(engine, decoder, collate(batch["input_ids"], batch["labels"], pad_id), cfg, device)
+            acc += stats.detach().to("cpu", torch.float64)
+            acc_tokens += tokens
+            acc_rows += len(batch["input_ids"])
+            acc_trunc += int(batch["truncated"].sum())
+            progress.batches_in_epoch += 1
+            if engine.global_steps == progress.step:
+                continue  # still accumulating gradients
+
+            # An optimizer step happened.
+            progress.step = engine.global_steps
+            summed = sync_sum(acc.flatten().tolist() + [acc_tokens, acc_rows, acc_trunc])
+            elapsed = time.perf_counter() - window_start
+            stats_all = torch.tensor(summed[:-3], dtype=torch.float64).view_as(acc)
+            progress.tokens += int(summed[-3])
+            progress.rows += int(summed[-2])
+            progress.truncated += int(summed[-1])
+            metrics = step_metrics(stats_all, t.head_decay, t.topk)
+            metrics.update(lr=float(engine.get_lr()[0]), tokens_per_s=summed[-3] / max(elapsed, 1e-9), step=progress.step)
+            acc.zero_()
+            acc_tokens = acc_rows = acc_trunc = 0
+
+            if rank == 0 and t.fail_at_step == progress.step:
+                _fail_once(run_dir, progress.step)
+            if rank == 0:
+                _log_step(tracker, bar, run_dir, metrics, t.log_every)
+
+            save = progress.step % t.checkpoint_every == 0 or progress.step >= total_steps
+            if save:
+                _report_with_checkpoint(engine, cfg, progress, metrics, rank, world, zero_stage, base)
+                last_ckpt = progress.step
+            elif progress.step % t.log_every == 0:
+                ray.train.report(metrics)
+            window_start = time.perf_counter()
+        if progress.step >= total_steps:
+            break
+        if not consumed_any:
+            raise RuntimeError("the training data yielded no batches")
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+
+    if progress.step > 0 and last_ckpt != progress.step:
+        # Data ran out before the estimated step count: the final state still gets its checkpoint.
+        _report_with_checkpoint(engine, cfg, progress, metrics, rank, world, zero_stage, base)
+    if bar is not None:
+        bar.close()
+    if tracker is not None:
+        tracker.log_summary({**metrics, "rows": progress.rows, "tokens": progress.tokens, "truncated": progress.truncated})
+        tracker.close()
+    return {"resumed_from": resumed_from, "progress": asdict(progress), "metrics": metrics}
+
+
+def _report_with_checkpoint(engine, cfg: Config, progress: Progress, metrics, rank, world, zero_stage, base) -> None:
+    """Every rank writes its DeepSpeed shard; Ray Train merges the ranks' directories into one checkpoint."""
+    import ray.train
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"medusa-ckpt-r{rank}-"))
+    try:
+        ds_dir = tmp / checkpoints.DEEPSPEED_DIR
+        ds_dir.mkdir()  # DeepSpeed creates it on rank 0 only, assuming a shared filesystem
+        engine.save_checkpoint(str(ds_dir), tag=f"global_step{progress.step}", client_state={"medusa_ray": asdict(progress)})
+        if rank == 0:
+            heads = engine.module
+            meta = {
+                "format": checkpoints.META_FORMAT,
+                "base_model": cfg.model,
+                "medusa_num_heads": heads.num_heads,
+                "medusa_num_layers": heads.num_layers,
+                "share_lm_head": heads.share_lm_head,
+                "hidden_size": heads.hidden_size,
+                "vocab_size": heads.vocab_size,
+                "global_step": progress.step,
+                "zero_stage": zero_stage,
+                "world_size": world,
+                "config": cfg.to_dict(),
+                "metrics": metrics,
+                "data": {"rows": progress.rows, "tokens": progress.tokens, "source": cfg.train_data,
+                         "truncated": progress.truncated, "epoch": progress.epoch},
+                "base_architectures": list(getattr(base.config, "architectures", None) or []),
+            }
+            (tmp / checkpoints.META_FILE).write_text(json.dumps(meta, indent=2))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+            checkpoint_dir_name=checkpoints.checkpoint_dir_name(progress.step),
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fail_once(run_dir: Path, step: int) -> None:
+    """Test hook: raise the first time any attempt of this run reaches ``step`` (a marker survives restarts)."""
+    marker = run_dir / FAIL_MARKER.format(step=step)
+    if marker.exists():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("")
+    raise RuntimeError(f"train.fail_at_step={step}: injected failure (test hook)")
+
+
+def _log_step(tracker, bar, run_dir: Path, metrics: dict[str, Any], log_every: int) -> None:
+    step = metrics["step"]
+    if bar is not None:
+        bar.update(1)
+        bar.set_description(f"train loss {metrics['loss']:.3f}")
+    if step % log_every:
+        return
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if tracker is not None:
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+
+
+def _open_tracker(cfg: Config, run_dir: Path):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from medusa_ray.tracking import open_tracker
+    except ImportError:
+        return None
+    try:
+        return open_tracker(cfg, str(run_dir))
+    except Exception as exc:  # noqa: BLE001 - tracking never costs a training run
+        log.warning("tracking disabled: %s", exc)
+        return None
+
+
+def _progress_bar(total: int, initial: int):
+    try:
+        from ray.experimental.tqdm_ray import tqdm
+    except ImportError:  # pragma: no cover - older Ray
+        from tqdm import tqdm
+    bar = tqdm(total=total, desc="train", unit="step")
+    if initial:
+        bar.update(initial)  # a resumed run starts where its checkpoint left off
+    return bar
+
+
+def _pad_id(base) -> int:
+    pad = getattr(base.config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(base.config, "eos_token_id", None)
+        if isinstance(pad, list):
+            pad = pad[0]
+    return int(pad or 0)
