@@ -1,0 +1,273 @@
+"""Where requests go: a Ray Serve vLLM deployment (started once per run) or an existing OpenAI-compatible server.
+
+``open_engine(cfg)`` yields an ``Engine`` and tears down only what it started. ``Engine.processor()``
+builds the ``ray.data.llm`` processor that maps request rows to normalized reply rows
+(``key, text, finish_reason, prompt_tokens, completion_tokens, error``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from medusa_ray.config import Config
+from medusa_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+APP_PREFIX = "medusa-distill"
+
+
+@dataclass
+class Engine:
+    model_id: str
+    """The ``model`` field requests carry: the served model name."""
+    mode: str
+    batch_size: int
+    concurrency: int
+    app_name: Optional[str] = None
+    url: Optional[str] = None
+    headers: Optional[dict[str, str]] = None
+    max_retries: int = 0
+    started: bool = False
+    """Whether this run started the deployment (and so tears it down) or reused a running one."""
+
+    @property
+    def description(self) -> str:
+        if self.url:
+            return f"endpoint {self.url}"
+        return f"Serve app {self.app_name}" + ("" if self.started else " (already running, reused)")
+
+    def processor(self):
+        """A ``ray.data.llm`` processor: rows ``{key, request}`` (request = OpenAI body as JSON) -> replies."""
+        from ray.data.llm import build_processor
+
+        method = "chat" if self.mode == "chat" else "completions"
+        if self.url:
+            from ray.data.llm import HttpRequestProcessorConfig
+
+            path = "/chat/completions" if self.mode == "chat" else "/completions"
+            config = HttpRequestProcessorConfig(
+                url=self.url + path,
+                headers=self.headers,
+                max_retries=self.max_retries,
+                batch_size=self.batch_size,
+                concurrency=self.concurrency,
+            )
+            mode = self.mode
+            return build_processor(
+                config,
+                preprocess=lambda row: {"payload": json.loads(row["request"])},
+                postprocess=lambda row: {"key": row["key"], **parse_reply(row["http_response"], mode)},
+            )
+
+        from ray.data.llm import ServeDeploymentProcessorConfig
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+        dtype = "ChatCompletionRequest" if self.mode == "chat" else "CompletionRequest"
+        config = ServeDeploymentProcessorConfig(
+            deployment_name=_deployment_name(self.app_name),
+            app_name=self.app_name,
+            dtype_mapping={"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest},
+            # A bad row becomes an error row (retried, then recorded) instead of failing the whole run.
+            should_continue_on_error=True,
+            batch_size=self.batch_size,
+            concurrency=self.concurrency,
+        )
+        mode = self.mode
+        return build_processor(
+            config,
+            preprocess=lambda row: {"method": method, "dtype": dtype, "request_kwargs": json.loads(row["request"])},
+            postprocess=lambda row: {"key": row["key"], **parse_reply(row, mode)},
+        )
+
+
+def parse_reply(response: dict[str, Any], mode: str) -> dict[str, Any]:
+    """An OpenAI chat/completions response (or error response) -> the few fields distill keeps."""
+    out = {"text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": ""}
+    error = response.get("error")
+    if error or response.get("object") == "error":
+        detail = error if isinstance(error, dict) else response
+        out["error"] = str(detail.get("message") or detail)
+        return out
+    choices = response.get("choices") or []
+    if not choices:
+        out["error"] = f"response has no choices: {str(response)[:200]}"
+        return out
+    choice = choices[0]
+    if mode == "chat":
+        text = (choice.get("message") or {}).get("content")
+    else:
+        text = choice.get("text")
+    out["text"] = text or ""
+    out["finish_reason"] = choice.get("finish_reason") or ""
+    usage = response.get("usage") or {}
+    out["prompt_tokens"] = int(usage.get("prompt_tokens") or 0)
+    out["completion_tokens"] = int(usage.get("completion_tokens") or 0)
+    return out
+
+
+def _deployment_name(app_name: str) -> str:
+    return f"{app_name}-llm"
+
+
+def _engine_kwargs(cfg: Config) -> dict[str, Any]:
+    return dict(cfg.distill.engine_kwargs)
+
+
+def app_name(cfg: Config) -> str:
+    """Named after everything that shapes the engine, so a running app is only reused when it is the same."""
+    d = cfg.distill
+    key = json.dumps(
+        [cfg.model, _engine_kwargs(cfg), d.accelerator, d.num_replicas, d.min_replicas, d.max_replicas],
+        sort_keys=True,
+        default=str,
+    )
+    return f"{APP_PREFIX}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _check_model(cfg: Config) -> None:
+    """Fail before starting anything when the model cannot work; only local dirs are inspected."""
+    path = Path(cfg.model)
+    looks_local = cfg.model.startswith((".", "/", "~")) or path.exists() or cfg.model.count("/") != 1
+    if not looks_local:
+        return  # a Hub id: vLLM resolves it
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise UserError(f"model {cfg.model} is not a model directory (no config.json) and not a Hub id")
+    if cfg.distill.mode == "chat":
+        tok_cfg = path / "tokenizer_config.json"
+        has_template = (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists()
+        if not has_template and tok_cfg.exists():
+            has_template = bool(json.loads(tok_cfg.read_text()).get("chat_template"))
+        if not has_template:
+            raise UserError(f"model {cfg.model} has no chat template; distill it with distill.mode=completion")
+
+
+def _accelerator(cfg: Config) -> str:
+    if cfg.distill.accelerator != "auto":
+        return cfg.distill.accelerator
+    import ray
+
+    return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def _deployment_config(cfg: Config, name: str) -> dict[str, Any]:
+    d = cfg.distill
+    if d.min_replicas is None and d.max_replicas is None:
+        return {"name": name, "num_replicas": d.num_replicas}
+    lo = d.min_replicas if d.min_replicas is not None else 1
+    hi = d.max_replicas if d.max_replicas is not None else max(lo, d.num_replicas)
+    initial = min(max(d.num_replicas, lo, 1), hi)
+    return {"name": name, "autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": initial}}
+
+
+def _app_running(name: str) -> bool:
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    return app is not None and str(app.status) in ("RUNNING", "ApplicationStatus.RUNNING")
+
+
+@contextmanager
+def serve_deployment(cfg: Config) -> Iterator[str]:
+    """Start the Serve vLLM app for ``cfg`` (or reuse a running identical one); yields its name.
+
+    Tears down only an app it started, and Serve itself only if it started Serve and nothing else runs,
+    so the next stage gets the resources back.
+    """
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    name = app_name(cfg)
+    if _app_running(name):
+        log.info("reusing running Serve app %s", name)
+        yield name
+        return
+    _check_model(cfg)
+    serve_was_up = bool(serve.status().applications) or _serve_controller_running()
+    # Handles only: no HTTP proxy, so no port to collide with other Serve apps on the machine.
+    serve.start(proxy_location="Disabled")
+    accelerator = _accelerator(cfg)
+    llm_config = LLMConfig(
+        model_loading_config={"model_id": cfg.model, "model_source": cfg.model},
+        accelerator_config={"kind": accelerator},
+        deployment_config=_deployment_config(cfg, _deployment_name(name)),
+        engine_kwargs=_engine_kwargs(cfg),
+    )
+    app = build_llm_deployment(llm_config, override_serve_options={"name": _deployment_name(name)})
+    log.info("starting Serve app %s: vLLM on %s for %s", name, accelerator, cfg.model)
+    t0 = time.perf_counter()
+    try:
+        serve.run(app, name=name, route_prefix=None)
+    except Exception as exc:
+        _teardown(name, serve_was_up)
+        raise UserError(f"the vLLM deployment for {cfg.model} failed to start: {str(exc).splitlines()[0]}") from exc
+    log.info("Serve app %s ready in %.1f s", name, time.perf_counter() - t0)
+    try:
+        yield name
+    finally:
+        _teardown(name, serve_was_up)
+
+
+def _serve_controller_running() -> bool:
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False) is not None
+
+
+def _teardown(name: str, serve_was_up: bool) -> None:
+    from ray import serve
+
+    try:
+        serve.delete(name)
+        if not serve_was_up and not serve.status().applications:
+            serve.shutdown()
+        log.info("Serve app %s deleted", name)
+    except Exception as exc:  # teardown must not hide the run's own error
+        log.warning("could not delete Serve app %s: %s", name, exc)
+
+
+def _endpoint_model(base_url: str, headers: dict[str, str], wanted: str) -> str:
+    """Ask the server which model it serves (a connectivity check, too)."""
+    request = urllib.request.Request(base_url + "/models", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            models = [m.get("id") for m in json.load(resp).get("data", [])]
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise UserError(f"distill.endpoint {base_url} is not reachable: {exc}") from None
+    if wanted in models or not models:
+        return wanted
+    return models[0]
+
+
+def _endpoint_base(url: str) -> str:
+    url = url.rstrip("/")
+    for suffix in ("/chat/completions", "/completions"):
+        url = url.removesuffix(suffix)
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+@contextmanager
+def open_engine(cfg: Config) -> Iterator[Engine]:
+    d = cfg.distill
+    common = dict(mode=d.mode, batch_size=d.batch_size, concurrency=d.concurrency, max_retries=d.max_retries)
+    if d.endpoint:
+        base = _endpoint_base(d.endpoint)
+        headers = {}
+        if os.environ.get(d.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[d.api_key_env]}"
+        yield Engine(model_id=_endpoint_model(base, headers, cfg.model), url=base, headers=headers, **common)
+        return
+    name = app_name(cfg)
+    reused = _app_running(name)
+    with serve_deployment(cfg) as name:
+        yield Engine(model_id=cfg.model, app_name=name, started=not reused, **common)
