@@ -3,7 +3,8 @@
 ``read_conversations(path)`` returns every record as either a ``Conversation`` (messages normalized to
 ``{"role": "system"|"user"|"assistant", "content": str}``, a stable id, its location in the input) or an
 ``InvalidRecord`` naming ``file:line`` (text formats) or ``file[row N]`` (Parquet, datasets) and why.
-A broken line never stops the read; an unreadable file does (``UserError``).
+A broken line never stops the read; an unreadable file does (``UserError``). A directory is read as a
+saved ``datasets`` dataset, as its ``*.parquet`` files, or as its ``*.json``/``*.jsonl`` prompt files.
 
 Records may be shaped like ShareGPT (``{"conversations": [{"from": "human", "value": ...}]}``), like
 OpenAI messages (``{"messages": [{"role": "user", "content": ...}]}``) or a bare prompt (``{"prompt": ...}``)
@@ -122,7 +123,9 @@ def detect_format(path: str | Path) -> str:
             return "hf"
         if any(p.glob("*.parquet")):
             return "parquet"
-        raise UserError(f"input directory {p} holds neither a saved `datasets` dataset nor *.parquet files")
+        if _prompt_files(p):
+            return "files"
+        raise UserError(f"input directory {p} holds no saved `datasets` dataset, *.parquet, *.json or *.jsonl files")
     if p.suffix == ".parquet":
         return "parquet"
     if p.suffix == ".jsonl":
@@ -134,6 +137,17 @@ def detect_format(path: str | Path) -> str:
     if head.startswith("{"):
         return "jsonl"
     raise UserError(f"cannot tell the format of {p}; set distill.format (one of {', '.join(FORMATS)})")
+
+
+def _prompt_files(directory: Path) -> list[Path]:
+    return sorted(f for f in directory.iterdir() if f.suffix in (".json", ".jsonl") and f.is_file())
+
+
+def _iter_files(directory: Path):
+    """A directory of ShareGPT/JSONL files, each detected on its own (read in name order)."""
+    for file in _prompt_files(directory):
+        fmt = detect_format(file)
+        yield from (_iter_json_array if fmt == "sharegpt" else _iter_jsonl)(file)
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any, str | None, str | None]]:
@@ -240,11 +254,13 @@ def read_conversations(path: str | Path, fmt: str = "auto", limit: int | None = 
     if not p.exists():
         raise UserError(f"input {p} does not exist")
     fmt = detect_format(p) if fmt == "auto" else fmt
-    if fmt not in FORMATS:
+    if fmt not in FORMATS + ("files",):
         raise UserError(f"unknown input format {fmt!r} (one of {', '.join(FORMATS)})")
     if fmt in ("sharegpt", "jsonl") and p.is_dir():
         raise UserError(f"input {p} is a directory, but format {fmt} needs a file")
-    records = {"sharegpt": _iter_json_array, "jsonl": _iter_jsonl, "parquet": _iter_parquet, "hf": _iter_hf}[fmt](p)
+    readers = {"sharegpt": _iter_json_array, "jsonl": _iter_jsonl, "parquet": _iter_parquet, "hf": _iter_hf,
+               "files": _iter_files}
+    records = readers[fmt](p)
 
     result = ReadResult(format=fmt)
     seen: set[str] = set()
