@@ -1,8 +1,220 @@
-"""evaluate: acceptance length and speed-up through vLLM speculative decoding; per-head accuracy."""
+"""evaluate: does Medusa make *this* model faster? Acceptance length and speed-up through vLLM.
+
+    medusa-ray eval --model BASE --medusa HEADS_DIR --prompts FILE [--num-prompts N] [--max-tokens M]
+                    [--heldout PARQUET] [--output-json PATH] [--plot PNG]
+
+The same prompts go through one plain vLLM engine and one with ``speculative_config={"method": "medusa",
+...}``, both greedy. Speculative decoding must not change greedy outputs, so any difference is reported
+as an error. Acceptance comes from vLLM's own counters: mean acceptance length = tokens emitted per
+verification step = 1 + accepted / drafts. When the Medusa dir is a medusa-ray export, the results are
+also saved there as ``eval_results.json`` and its model card is refreshed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
 
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
+from medusa_ray.evaluate.prompts import Prompt, load_prompts
+
+__all__ = ["run"]
+
+log = logging.getLogger(__name__)
+
+_DRAFTS = "vllm:spec_decode_num_drafts"
+_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
+_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
+_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
 
 
-def run(cfg: Config, medusa_dir: str | None = None):
-    raise UserError("eval is not implemented yet")
+def _medusa_config(medusa_dir: Path) -> dict[str, Any]:
+    path = medusa_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{medusa_dir} is not a Medusa directory: it has no config.json (run `medusa-ray export`)")
+    config = json.loads(path.read_text())
+    if "medusa_num_heads" not in config:
+        raise UserError(f"{path}: no medusa_num_heads: not a Medusa heads directory")
+    return config
+
+
+def _engine_kwargs(cfg: Config) -> dict[str, Any]:
+    import torch
+
+    kwargs: dict[str, Any] = {"seed": 0}
+    if not torch.cuda.is_available():
+        # vLLM on CPU: the KV cache is a fraction of RAM, and graph capture buys nothing.
+        kwargs.update(gpu_memory_utilization=0.1, enforce_eager=True)
+    kwargs.update(cfg.eval.engine_kwargs)
+    return kwargs
+
+
+def _generate(llm, prompts: list[Prompt], max_tokens: int):
+    """Greedy outputs and wall time of one batch (chat prompts through the chat template)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    chats = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    outputs: dict[int, list[int]] = {}
+    start = time.perf_counter()
+    if chats:
+        for i, out in zip(chats, llm.chat([prompts[i] for i in chats], params, use_tqdm=False)):
+            outputs[i] = list(out.outputs[0].token_ids)
+    if texts:
+        for i, out in zip(texts, llm.generate([prompts[i] for i in texts], params, use_tqdm=False)):
+            outputs[i] = list(out.outputs[0].token_ids)
+    elapsed = time.perf_counter() - start
+    return [outputs[i] for i in range(len(prompts))], elapsed
+
+
+def _spec_counters(llm) -> dict[str, Any]:
+    counters: dict[str, Any] = {_DRAFTS: 0, _DRAFT_TOKENS: 0, _ACCEPTED: 0, _PER_POS: []}
+    for metric in llm.get_metrics():
+        if metric.name in (_DRAFTS, _DRAFT_TOKENS, _ACCEPTED):
+            counters[metric.name] += metric.value
+        elif metric.name == _PER_POS:
+            values = list(metric.values)
+            old = counters[_PER_POS]
+            counters[_PER_POS] = [a + b for a, b in zip(values, old + [0] * (len(values) - len(old)))]
+    return counters
+
+
+def _run_engine(base: str, prompts: list[Prompt], max_tokens: int, kwargs: dict[str, Any],
+                speculative: dict[str, Any] | None):
+    """One engine's outputs, time and spec-decode counter deltas; the engine is torn down before returning."""
+    from vllm import LLM
+
+    llm = LLM(model=base, speculative_config=speculative, disable_log_stats=False, **kwargs)
+    try:
+        _generate(llm, prompts[:1], 4)  # warm-up, so the timed run measures decoding, not first-call setup
+        before = _spec_counters(llm)
+        outputs, elapsed = _generate(llm, prompts, max_tokens)
+        after = _spec_counters(llm)
+    finally:
+        engine = getattr(llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del llm, engine
+        gc.collect()
+    delta = {k: after[k] - before[k] for k in (_DRAFTS, _DRAFT_TOKENS, _ACCEPTED)}
+    per_pos = after[_PER_POS]
+    delta[_PER_POS] = [a - b for a, b in zip(per_pos, before[_PER_POS] + [0] * (len(per_pos) - len(before[_PER_POS])))]
+    return outputs, elapsed, delta
+
+
+def _compare(base_out: list[list[int]], spec_out: list[list[int]]) -> list[dict[str, Any]]:
+    errors = []
+    for i, (a, b) in enumerate(zip(base_out, spec_out)):
+        if a != b:
+            first = next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            errors.append({"prompt": i, "error": "output differs from plain greedy decoding", "first_diff_token": first})
+    return errors
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    rows = [
+        ("prompts", results["num_prompts"]),
+        ("speculative tokens", results["num_speculative_tokens"]),
+        ("acceptance length", f"{results['acceptance_length']:.3f}"),
+        ("accepted per position", " ".join(f"{a:.3f}" for a in results["accepted_per_position"])),
+        ("drafts", results["num_drafts"]),
+        ("tokens/s base", f"{results['tokens_per_s_base']:.1f}"),
+        ("tokens/s medusa", f"{results['tokens_per_s_medusa']:.1f}"),
+        ("speed-up", f"{results['speedup']:.2f}x"),
+        ("outputs identical", "yes" if results["outputs_identical"]
+         else f"ERROR: {len(results['errors'])} prompt(s) differ"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    accuracy = results.get("head_accuracy")
+    if accuracy:
+        topk = len(next(iter(accuracy.values())))
+        print(f"\nper-head accuracy ({results['heldout_positions']} held-out positions)")
+        print("head    " + "".join(f"  top-{i + 1:<3}" for i in range(topk)))
+        for head, accs in accuracy.items():
+            print(f"{head:<8}" + "".join(f"  {a:6.3f}" for a in accs))
+
+
+def run(cfg: Config, medusa_dir: str | None = None) -> dict[str, Any]:
+    """Decode ``eval.prompts`` with and without the Medusa heads in ``medusa_dir`` (default ``export.output_dir``)."""
+    medusa_path = Path(medusa_dir or cfg.export.output_dir).expanduser().resolve()
+    config = _medusa_config(medusa_path)
+    heads = int(config["medusa_num_heads"])
+    k = cfg.eval.num_speculative_tokens or heads
+    if k > heads:
+        raise UserError(f"eval.num_speculative_tokens={k} but {medusa_path} has only {heads} heads")
+    # --model wins; otherwise the base the heads were exported for.
+    base = cfg.model if "model" in cfg.model_fields_set else config.get("base_model_name_or_path") or cfg.model
+    if not cfg.eval.prompts:
+        raise UserError("eval.prompts is not set: pass --prompts FILE")
+    prompts = load_prompts(cfg.eval.prompts, cfg.eval.num_prompts)
+
+    kwargs = _engine_kwargs(cfg)
+    log.info("decoding %d prompts without Medusa", len(prompts))
+    base_out, base_time, _ = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, None)
+    speculative = {"method": "medusa", "model": str(medusa_path), "num_speculative_tokens": k}
+    log.info("decoding %d prompts with Medusa (%d speculative tokens)", len(prompts), k)
+    spec_out, spec_time, counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, speculative)
+
+    drafts = int(counters[_DRAFTS])
+    accepted = int(counters[_ACCEPTED])
+    errors = _compare(base_out, spec_out)
+    base_tokens = sum(len(o) for o in base_out)
+    spec_tokens = sum(len(o) for o in spec_out)
+    tps_base = base_tokens / base_time if base_time > 0 else 0.0
+    tps_medusa = spec_tokens / spec_time if spec_time > 0 else 0.0
+    results: dict[str, Any] = {
+        "base_model": base,
+        "medusa_dir": str(medusa_path),
+        "num_prompts": len(prompts),
+        "max_tokens": cfg.eval.max_tokens,
+        "num_speculative_tokens": k,
+        "acceptance_length": 1.0 + accepted / drafts if drafts else 1.0,
+        "accepted_per_position": [a / drafts if drafts else 0.0 for a in counters[_PER_POS]][:k],
+        "num_drafts": drafts,
+        "num_draft_tokens": int(counters[_DRAFT_TOKENS]),
+        "num_accepted_tokens": accepted,
+        "output_tokens": spec_tokens,
+        "tokens_per_s_base": tps_base,
+        "tokens_per_s_medusa": tps_medusa,
+        "speedup": tps_medusa / tps_base if tps_base else 0.0,
+        "outputs_identical": not errors,
+        "errors": errors,
+    }
+    if errors:
+        log.error("%d of %d outputs differ from plain greedy decoding", len(errors), len(prompts))
+    if cfg.eval.heldout:
+        from medusa_ray.evaluate.accuracy import head_accuracy
+
+        results["head_accuracy"], results["heldout_positions"] = head_accuracy(
+            base, medusa_path, cfg.eval.heldout, cfg.train.topk, cfg.eval.num_prompts, cfg.train.max_length)
+    if cfg.eval.plot:
+        from medusa_ray.evaluate.plot import plot_results
+
+        results["plot"] = str(plot_results(results, cfg.eval.plot))
+    _save(results, medusa_path, cfg.eval.output_json)
+    _print_table(results)
+    return results
+
+
+def _save(results: dict[str, Any], medusa_path: Path, output_json: str | None) -> None:
+    from medusa_ray.export import EVAL_FILE, MARKER_FILE, write_model_card
+
+    text = json.dumps(results, indent=2) + "\n"
+    targets = [Path(output_json).expanduser()] if output_json else []
+    if (medusa_path / MARKER_FILE).is_file():
+        targets.append(medusa_path / EVAL_FILE)
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    if (medusa_path / MARKER_FILE).is_file():
+        write_model_card(medusa_path)

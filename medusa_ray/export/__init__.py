@@ -1,8 +1,131 @@
-"""export: consolidate a training checkpoint into a directory that vLLM and TGI load."""
+"""export: consolidate a training checkpoint into a directory that vLLM and TGI load, optionally push it.
+
+    medusa-ray export [--checkpoint CKPT] [--output DIR] [--push-to-hub ORG/NAME] [--private] [--overwrite]
+
+The export dir holds ``medusa_lm_head.safetensors`` (FasterDecoding/TGI keys), ``config.json`` (read by both
+servers; see ``writer`` for the exact rules), the base tokenizer, ``README.md`` (model card) and
+``medusa_ray_export.json`` (where it came from). ``share_lm_head`` heads are written with a copy of the base
+``lm_head`` as every head's projection, the one layout both servers accept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
 
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
+from medusa_ray.export.card import write_model_card
+from medusa_ray.export.checkpoint import (
+    check_heads,
+    consolidate,
+    find_latest,
+    is_remote,
+    local_checkpoint,
+    read_meta,
+)
+from medusa_ray.export.hub import push_to_hub
+from medusa_ray.export.writer import (
+    EVAL_FILE,
+    EXPORT_FORMAT,
+    MARKER_FILE,
+    WEIGHTS_FILE,
+    base_dtype,
+    check_base,
+    head_tensors,
+    medusa_config,
+    read_marker,
+    resolve_base,
+    write_export,
+)
+
+__all__ = ["run", "write_model_card", "push_to_hub", "EVAL_FILE", "MARKER_FILE", "WEIGHTS_FILE"]
+
+log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, checkpoint: str | None = None):
-    raise UserError("export is not implemented yet")
+def _checkpoint_path(cfg: Config, checkpoint: str | None) -> str:
+    if checkpoint:
+        return checkpoint if is_remote(checkpoint) else str(Path(checkpoint).expanduser().resolve())
+    found = find_latest(cfg.train.storage_path, cfg.train.run_name)
+    if found is None:
+        raise UserError(f"no checkpoint found for run {cfg.train.run_name!r} under {cfg.train.storage_path}; "
+                        "train first or pass --checkpoint")
+    return str(found) if is_remote(str(found)) else str(Path(found).resolve())
+
+
+def _check_output(out: Path, source: dict, overwrite: bool) -> bool:
+    """True when ``out`` already holds this very export; refuse to clobber anything else."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise UserError(f"export output {out} exists and is not a directory")
+    if not any(out.iterdir()):
+        return False
+    marker = read_marker(out)
+    if marker is None:
+        # Even --overwrite never deletes a directory we did not write.
+        raise UserError(f"export output {out} is not empty and holds no medusa-ray export; choose a new directory")
+    if overwrite:
+        return False
+    if marker.get("source") == source:
+        return True
+    theirs = marker.get("source", {})
+    raise UserError(f"export output {out} already holds a different export (from {theirs.get('checkpoint')} "
+                    f"step {theirs.get('global_step')}); pass --overwrite to replace it")
+
+
+def _print_summary(out: Path, marker: dict, hub_url: str | None, reused: bool) -> None:
+    meta = marker["meta"]
+    size = (out / WEIGHTS_FILE).stat().st_size / 2**20
+    rows = [
+        ("export", f"{out}{' (already up to date)' if reused else ''}"),
+        ("base model", marker["base_model"]),
+        ("checkpoint", f"{marker['source']['checkpoint']} (step {meta['global_step']})"),
+        ("heads x layers", f"{meta['medusa_num_heads']} x {meta['medusa_num_layers']}"
+                           f"{' (shared lm_head)' if meta['share_lm_head'] else ''}"),
+        ("weights", f"{WEIGHTS_FILE} {size:.1f} MiB {marker['dtype']}"),
+    ]
+    if hub_url:
+        rows.append(("hub", hub_url))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def run(cfg: Config, checkpoint: str | None = None) -> Path:
+    """Export the heads of ``checkpoint`` (default: the latest of ``train.run_name``) to ``export.output_dir``."""
+    ckpt_path = _checkpoint_path(cfg, checkpoint)
+    out = Path(cfg.export.output_dir).expanduser().resolve()
+    with local_checkpoint(ckpt_path) as ckpt:
+        meta = read_meta(ckpt)
+        source = {"checkpoint": ckpt_path, "global_step": int(meta["global_step"])}
+        reused = _check_output(out, source, cfg.export.overwrite)
+        if not reused:
+            base_name, base_cfg = resolve_base([meta["base_model"], cfg.model])
+            check_base(meta, base_name, base_cfg)
+            log.info("consolidating %s (ZeRO-%s, %s worker(s))", ckpt, meta["zero_stage"], meta["world_size"])
+            state_dict = consolidate(ckpt, meta)
+            check_heads(state_dict, meta, ckpt)
+            dtype = base_dtype(base_cfg)
+            tensors = head_tensors(state_dict, meta, base_name, dtype)
+            marker = {
+                "format": EXPORT_FORMAT,
+                "source": source,
+                "base_model": base_name,
+                "dtype": str(dtype).removeprefix("torch."),
+                "location": cfg.export.push_to_hub or str(out),
+                "meta": meta,
+            }
+            write_export(out, tensors, medusa_config(meta, base_name), marker, base_name)
+    marker = read_marker(out)
+    hub_url = None
+    if cfg.export.push_to_hub:
+        if marker.get("location") != cfg.export.push_to_hub:
+            # The card's serve commands should name the Hub repo people will load from.
+            marker["location"] = cfg.export.push_to_hub
+            (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+            write_model_card(out)
+        hub_url = push_to_hub(out, cfg.export.push_to_hub, private=cfg.export.private)
+    _print_summary(out, marker, hub_url, reused)
+    return out

@@ -1,0 +1,174 @@
+"""Write the export directory: ``medusa_lm_head.safetensors``, ``config.json``, tokenizer, model card.
+
+The directory is one artifact for both servers:
+
+* TGI (``text_generation_server``) treats a model dir as Medusa when ``config.json`` has
+  ``medusa_num_heads``; it loads the base from ``base_model_name_or_path``, reads ``medusa_num_layers``,
+  and takes ``{k}.{j}.linear.weight|bias`` and ``{k}.{L}.weight`` from ``medusa_lm_head.safetensors``.
+  Its ``SpeculativeHead.load`` only builds Medusa heads when ``config.json`` has **no** ``architectures`` key
+  (any architecture other than ``MLPSpeculatorPreTrainedModel`` silently disables speculation), so we
+  never write one.
+* vLLM reads ``model_type: "medusa"`` into its ``MedusaConfig`` (which sets ``architectures`` to
+  ``["MedusaModel"]`` itself), maps ``medusa_num_heads``/``medusa_num_layers``, needs ``hidden_size``,
+  ``vocab_size`` and ``medusa_fc_bias: true`` (without it the block biases are dropped silently), and
+  remaps the same FasterDecoding keys from every ``*.safetensors`` file in the directory.
+
+``share_lm_head`` heads were trained projecting through the frozen base ``lm_head``. Both servers' common
+layout is one vocab projection per head, so export writes a copy of the base ``lm_head`` as each head's
+``{k}.{L}.weight``: numerically the same heads, loadable by TGI's ``MedusaHeadV1`` and by vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medusa_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "medusa_lm_head.safetensors"
+MARKER_FILE = "medusa_ray_export.json"
+EVAL_FILE = "eval_results.json"
+EXPORT_FORMAT = "medusa-ray-export/1"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def is_local_path(name: str) -> bool:
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+
+
+def resolve_base(candidates: list[str]) -> tuple[str, Any]:
+    """First base model of ``candidates`` whose config loads: (name, text config)."""
+    from transformers import AutoConfig
+
+    errors = []
+    for name in dict.fromkeys(c for c in candidates if c):
+        try:
+            cfg = AutoConfig.from_pretrained(name)
+        except Exception as exc:  # noqa: BLE001 - any failure means "try the next candidate"
+            errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
+        if is_local_path(name):
+            name = str(Path(name).expanduser().resolve())
+        return name, cfg.get_text_config()
+    raise UserError("cannot load the base model's config: " + "; ".join(errors))
+
+
+def check_base(meta: dict, base_name: str, base_cfg: Any) -> None:
+    """Refuse heads whose hidden size or vocabulary do not fit the base model."""
+    for key in ("hidden_size", "vocab_size"):
+        theirs = getattr(base_cfg, key, None)
+        if theirs is not None and int(theirs) != int(meta[key]):
+            raise UserError(f"checkpoint heads have {key}={meta[key]} but base model {base_name} has {key}={theirs}")
+
+
+def base_dtype(base_cfg: Any) -> torch.dtype:
+    """The base model's weight dtype: the export matches what the servers run the base in."""
+    dtype = getattr(base_cfg, "dtype", None) or getattr(base_cfg, "torch_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return _DTYPES.get(str(dtype).removeprefix("torch."), torch.float32)
+
+
+def base_lm_head(base_name: str) -> torch.Tensor:
+    """The base model's output projection ``[vocab, hidden]`` in fp32."""
+    if Path(base_name).is_dir():
+        # Cheap path: read just that tensor from the safetensors shards.
+        from safetensors import safe_open
+
+        for shard in sorted(Path(base_name).glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                if "lm_head.weight" in f.keys():
+                    return f.get_tensor("lm_head.weight").float()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
+    return model.get_output_embeddings().weight.detach().float().clone()
+
+
+def head_tensors(state_dict: dict[str, torch.Tensor], meta: dict, base_name: str, dtype: torch.dtype
+                 ) -> dict[str, torch.Tensor]:
+    """FasterDecoding/TGI tensors; ``share_lm_head`` heads get a copy of the base lm_head each."""
+    tensors = dict(state_dict)
+    if meta["share_lm_head"]:
+        lm_head = base_lm_head(base_name)
+        for k in range(int(meta["medusa_num_heads"])):
+            tensors[f"{k}.{int(meta['medusa_num_layers'])}.weight"] = lm_head
+    # safetensors refuses shared storage; each tensor gets its own contiguous copy.
+    return {k: v.to(dtype).contiguous().clone() for k, v in sorted(tensors.items())}
+
+
+def medusa_config(meta: dict, base_name: str) -> dict[str, Any]:
+    """``config.json`` both servers read. Deliberately no ``architectures`` (see module docstring) and
+    no other key with "num" in its name (vLLM renames any such key to ``num_heads``/``num_hidden_layers``)."""
+    return {
+        "model_type": "medusa",
+        "medusa_num_heads": int(meta["medusa_num_heads"]),
+        "medusa_num_layers": int(meta["medusa_num_layers"]),
+        "hidden_size": int(meta["hidden_size"]),
+        "vocab_size": int(meta["vocab_size"]),
+        "medusa_fc_bias": True,
+        "base_model_name_or_path": base_name,
+        "version": "2",
+    }
+
+
+def read_marker(out: Path) -> dict | None:
+    try:
+        marker = json.loads((out / MARKER_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == EXPORT_FORMAT else None
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Swap a fully written ``tmp`` in for ``out``: the old export is only removed once the new one is in place."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+        os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _publishable(tmp: Path) -> None:
+    """mkdtemp makes 0700 dirs (and safetensors 0600 files); an export is meant to be read by servers."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for path in tmp.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def write_export(out: Path, tensors: dict[str, torch.Tensor], config: dict, marker: dict, base_name: str) -> None:
+    """Write every file into a temp dir beside ``out`` and swap it in, so ``out`` is never half-written."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        try:
+            AutoTokenizer.from_pretrained(base_name).save_pretrained(tmp)
+        except Exception as exc:  # noqa: BLE001 - a base without a tokenizer still gives usable heads
+            log.warning("base model %s: tokenizer not copied (%s)", base_name, exc)
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        from medusa_ray.export.card import write_model_card
+
+        write_model_card(tmp)
+        _publishable(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
