@@ -1,0 +1,379 @@
+"""Static checks of everything under cluster/ and jobs/: KubeRay manifests against the real CRD schemas,
+cluster-launcher YAMLs against Ray's own autoscaler schema, the Dockerfile, the runtime env and the job
+entrypoints' argument handling. No Kubernetes, cloud or Ray cluster needed; runs in seconds."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CRD_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"
+KUBERAY = REPO / "cluster" / "kuberay"
+LAUNCHERS = [REPO / "cluster" / "aws.yaml", REPO / "cluster" / "gcp.yaml"]
+STAGES = ["distill", "train", "export", "eval", "pipeline"]
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _manifests() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in sorted(KUBERAY.glob("*.yaml")) for d in _docs(p)]
+
+
+def _one(kind: str) -> dict:
+    found = [d for _, d in _manifests() if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind} under cluster/kuberay/, found {len(found)}"
+    return found[0]
+
+
+# --- a Kubernetes-like validator for CRD schemas -------------------------------------------------------
+
+_FORMATS = jsonschema.FormatChecker()
+
+
+@_FORMATS.checks("int32")
+def _int32(value) -> bool:
+    return not isinstance(value, int) or -(2**31) <= value < 2**31
+
+
+@_FORMATS.checks("int64")
+def _int64(value) -> bool:
+    return not isinstance(value, int) or -(2**63) <= value < 2**63
+
+
+def _list_type(validator, list_type, instance, schema):
+    """x-kubernetes-list-type: `map` items are unique by their keys, `set` items are unique."""
+    if not isinstance(instance, list):
+        return
+    if list_type == "map":
+        keys = schema.get("x-kubernetes-list-map-keys", [])
+        seen = [tuple(item.get(k) for k in keys) for item in instance if isinstance(item, dict)]
+        dupes = {s for s in seen if seen.count(s) > 1}
+        if dupes:
+            yield jsonschema.ValidationError(f"duplicate entries for list-map keys {keys}: {sorted(dupes)}")
+    elif list_type == "set":
+        dumped = [json.dumps(i, sort_keys=True) for i in instance]
+        if len(set(dumped)) != len(dumped):
+            yield jsonschema.ValidationError("duplicate items in a list-type=set")
+
+
+def _cel_rules(validator, rules, instance, schema):
+    # The API server evaluates these CEL rules; this test cannot, so a manifest must not rely on them.
+    yield jsonschema.ValidationError(
+        f"sets a field guarded by CEL rules this test cannot check: {[r['rule'] for r in rules]}"
+    )
+
+
+_K8sValidator = jsonschema.validators.extend(
+    jsonschema.Draft4Validator,
+    {"x-kubernetes-list-type": _list_type, "x-kubernetes-validations": _cel_rules},
+)
+
+
+def _strict(schema):
+    """Make a CRD schema behave like the API server with strict field validation (kubectl's default):
+    unknown fields are errors, `nullable` allows null, int-or-string takes either."""
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {name: _strict(sub) for name, sub in out["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = _strict(out[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in out:
+            out[key] = [_strict(sub) for sub in out[key]]
+    if out.get("x-kubernetes-int-or-string") and "anyOf" not in out:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if out.get("type") == "object" and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out.setdefault("additionalProperties", False if "properties" in out else out.get("additionalProperties", True))
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+# libyaml when present: the CRD files are megabytes and the pure-Python loader takes tens of seconds.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@lru_cache(maxsize=None)
+def _crd_schema(api_version: str, kind: str) -> dict | None:
+    """The strict schema for one kind, from ../shared/kuberay-crds/<group>_<kind>s.yaml."""
+    if not CRD_DIR.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (expected ../shared/kuberay-crds beside the repo)")
+    group, _, version = api_version.partition("/")
+    path = CRD_DIR / f"{group}_{kind.lower()}s.yaml"
+    if not path.is_file():
+        return None
+    for crd in yaml.load_all(path.read_text(), Loader=_Loader):
+        if crd and crd.get("kind") == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == kind:
+            for v in crd["spec"]["versions"]:
+                if v["name"] == version and crd["spec"]["group"] == group:
+                    return _strict(v["schema"]["openAPIV3Schema"])
+    return None
+
+
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _crd_errors(doc: dict) -> list[str]:
+    """All schema violations of one manifest, as 'path: message' lines (empty when it is valid)."""
+    schema = _crd_schema(doc.get("apiVersion", ""), doc.get("kind", ""))
+    if schema is None:
+        return [f"no CRD schema for apiVersion={doc.get('apiVersion')} kind={doc.get('kind')}"]
+    errors = [
+        f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+        for e in _K8sValidator(schema, format_checker=_FORMATS).iter_errors(doc)
+    ]
+    name = (doc.get("metadata") or {}).get("name", "")
+    if not (_DNS1123.match(name) and len(name) <= 63):
+        errors.append(f"metadata.name: {name!r} is not a valid resource name")
+    return errors
+
+
+# --- KubeRay manifests ---------------------------------------------------------------------------------
+
+
+def test_every_kuberay_manifest_validates_against_its_crd():
+    manifests = _manifests()
+    kinds = [d["kind"] for _, d in manifests]
+    assert "RayCluster" in kinds and "RayJob" in kinds, kinds
+    for path, doc in manifests:
+        if doc["apiVersion"].startswith("ray.io/"):
+            assert _crd_errors(doc) == [], f"{path.name} {doc['kind']}/{doc['metadata']['name']}"
+        else:
+            # Core objects beside them: only the kinds we mean to ship, each named.
+            assert (doc["apiVersion"], doc["kind"]) in {("v1", "PersistentVolumeClaim"), ("v1", "ConfigMap")}
+            assert _DNS1123.match(doc["metadata"]["name"])
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: c["spec"].__setitem__("enableInTreeAutoscaler", True), "enableInTreeAutoscaler"),
+        (lambda c: c["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+         .__setitem__("imagePullPolicyy", "Always"), "imagePullPolicyy"),
+        (lambda c: c["spec"]["workerGroupSpecs"][0].__setitem__("maxReplicas", "eight"), "maxReplicas"),
+        (lambda c: c["spec"]["workerGroupSpecs"][0].__setitem__("maxReplicas", 2**40), "maxReplicas"),
+        (lambda c: c["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+         .__setitem__("nvidia.com/gpu", "one"), "nvidia.com/gpu"),
+        (lambda c: c["spec"]["headGroupSpec"]["template"]["spec"]["containers"].append(
+            copy.deepcopy(c["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])), "duplicate"),
+        (lambda c: c["spec"].__setitem__("managedBy", "someone"), "CEL"),
+        (lambda c: c["metadata"].__setitem__("name", "Medusa_Ray"), "metadata.name"),
+    ],
+    ids=["unknown-field", "unknown-nested-field", "int-as-text", "int32-overflow", "bad-quantity", "duplicate-container", "cel", "name"],
+)
+def test_validator_rejects_broken_raycluster(mutate, expected):
+    # The schema check above is only worth something if it catches the mistakes people make.
+    cluster = copy.deepcopy(_one("RayCluster"))
+    mutate(cluster)
+    errors = _crd_errors(cluster)
+    assert any(expected in e for e in errors), errors
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def test_raycluster_has_cpu_head_and_autoscaled_gpu_workers():
+    import ray
+
+    spec = _one("RayCluster")["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    head = _containers(spec["headGroupSpec"]["template"])[0]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if "nvidia.com/gpu" in _containers(g["template"])[0]["resources"].get("limits", {})]
+    assert gpu_groups, "no worker group with nvidia.com/gpu limits"
+    for group in gpu_groups:
+        assert group["minReplicas"] == 0 and group["maxReplicas"] >= 2
+        assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+        tolerations = group["template"]["spec"].get("tolerations", [])
+        assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
+
+    # One image and the same shared storage everywhere; the Hub token comes from a Secret.
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    images = {c["image"] for p in pods for c in _containers(p)}
+    assert len(images) == 1, images
+    claim = _one("PersistentVolumeClaim")
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        container = _containers(pod)[0]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert volumes[mounts["/mnt/shared"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        token = {e["name"]: e for e in container["env"]}["HF_TOKEN"]
+        assert token["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def test_rayjob_runs_the_pipeline_on_the_raycluster_with_a_valid_config(tmp_path):
+    from medusa_ray.cli import build_parser
+    from medusa_ray.config import load_config
+
+    cluster, job = _one("RayCluster"), _one("RayJob")
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "python"
+    # The script is this repo's jobs/pipeline.py, at the path the image puts it (Dockerfile WORKDIR).
+    workdir = re.search(r"^WORKDIR\s+(\S+)", (REPO / "cluster" / "Dockerfile").read_text(), re.M).group(1)
+    script = Path(argv[1])
+    assert script.is_relative_to(workdir) and (REPO / script.relative_to(workdir)).is_file(), argv[1]
+    assert script.name == "pipeline.py"
+
+    # --config names the ConfigMap file mounted on the head; the config itself validates.
+    args = build_parser().parse_args(["pipeline", *argv[2:]])
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    mount = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    volume = next(v for v in head["volumes"] if "configMap" in v)
+    config_map = _one("ConfigMap")
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    filename = Path(args.config).name
+    assert Path(args.config) == Path(mount[volume["name"]]) / filename
+    config_file = tmp_path / filename
+    config_file.write_text(config_map["data"][filename])
+    cfg = load_config(config_file, args.overrides)
+    assert cfg.train.num_workers >= 2 and cfg.distill.max_replicas and cfg.distill.max_replicas > 1
+    # Everything a later stage or a restarted pod needs lives on the shared volume.
+    for path in (cfg.distill.output_dir, cfg.train.storage_path, cfg.export.output_dir):
+        assert path.startswith("/mnt/shared/") or path.startswith("s3://"), path
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+
+
+# --- cluster-launcher configs ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _ray_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_config_validates_against_ray_schema(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(path.read_text())
+    jsonschema.validate(config, _ray_schema())
+    # What `ray up` does before launching anything: fill the provider defaults, validate again.
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and not head["resources"].get("GPU")
+    gpu_types = [t for t in types.values() if t["resources"].get("GPU")]
+    assert gpu_types, "no GPU worker node type"
+    for node_type in gpu_types:
+        assert node_type["min_workers"] == 0 and node_type["max_workers"] >= 2
+    # The same image as on KubeRay.
+    kuberay_image = _containers(_one("RayCluster")["spec"]["headGroupSpec"]["template"])[0]["image"]
+    assert config["docker"]["image"] == kuberay_image
+
+
+def test_launcher_validation_is_not_vacuous():
+    config = yaml.safe_load(LAUNCHERS[0].read_text())
+    config["available_node_types"][config["head_node_type"]]["min_wokers"] = 0
+    with pytest.raises(jsonschema.ValidationError, match="min_wokers"):
+        jsonschema.validate(config, _ray_schema())
+
+
+def test_aws_gpu_workers_are_spot():
+    config = yaml.safe_load(LAUNCHERS[0].read_text())
+    for node_type in config["available_node_types"].values():
+        if node_type["resources"].get("GPU"):
+            assert node_type["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+
+
+# --- image, runtime env, job entrypoints ----------------------------------------------------------------
+
+
+def test_dockerfile_builds_on_matching_ray_image_with_gpu_extra():
+    import tomllib
+
+    import ray
+
+    text = (REPO / "cluster" / "Dockerfile").read_text()
+    base = re.search(r"^ARG RAY_IMAGE=(\S+)", text, re.M).group(1)
+    assert base == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    assert re.search(r"^FROM \$\{RAY_IMAGE\}", text, re.M)
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    used = re.search(r'pip install [^\n]*"\.\[([^\]]+)\]"', text).group(1).split(",")
+    assert "gpu" in used and set(used) <= set(extras)
+    for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
+        for item in src.split():
+            assert (REPO / item).exists(), f"Dockerfile copies {item}, which is not in the repo"
+
+
+def test_runtime_env_is_valid_and_merges_with_the_driver_env(monkeypatch):
+    import ray
+    from ray._private.worker import _merge_runtime_env
+    from ray.runtime_env import RuntimeEnv
+
+    from medusa_ray.cluster import init_ray
+    from medusa_ray.config import RayConfig
+
+    job_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    RuntimeEnv(**job_env)  # Ray's own field validation
+    assert ".venv/" in job_env["excludes"] and "outputs/" in job_env["excludes"]
+
+    # The driver's ray.init(runtime_env=...) must not collide with the job's, or Ray refuses the job.
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    init_ray(RayConfig(address="auto"))
+    assert _merge_runtime_env(job_env, seen.get("runtime_env")) is not None
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_job_entrypoint_forces_cluster_address(stage, monkeypatch, tmp_path):
+    """Each jobs/<stage>.py parses like the CLI, joins `auto` unless told otherwise and runs its stage."""
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    import _entry
+
+    from medusa_ray import cli
+
+    calls = []
+    monkeypatch.setattr("medusa_ray.cluster.init_ray", lambda cfg: calls.append(("init", cfg.address)))
+    monkeypatch.setattr(cli, "_run_stage", lambda args, cfg: calls.append((args.command, cfg.ray.address)))
+    assert _entry.main(stage, []) == 0
+    assert calls == [("init", "auto"), (stage, "auto")]
+
+    calls.clear()
+    assert _entry.main(stage, ["ray.address=ray://head:10001"]) == 0
+    assert calls[-1] == (stage, "ray://head:10001")
+
+    config = tmp_path / "c.yaml"
+    config.write_text("ray:\n  address: ''\n")  # explicitly local
+    calls.clear()
+    assert _entry.main(stage, ["--config", str(config)]) == 0
+    assert calls[-1] == (stage, "")
+
+    # The script itself dispatches to that stage.
+    text = (REPO / "jobs" / f"{stage}.py").read_text()
+    assert f'main("{stage}")' in text
+
+
+def test_job_entrypoint_reports_bad_config_in_one_line():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), "train.medusa_num_heads=0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.medusa_num_heads" in lines[0] and lines[0].startswith("jobs/train.py")
