@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -63,7 +64,7 @@ def decoder_of(base):
     return decoder if decoder is not None else base.model
 
 
-def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, total_steps: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config built from ``train.*``, or the user's full JSON when ``train.deepspeed_config``."""
     t = cfg.train
     built = {
@@ -75,16 +76,6 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, total_steps: in
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "torch_adam": True},
-        },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": max(min(t.warmup_steps, total_steps - 1), 1),
-                "warmup_type": "linear",
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": 0.0,
-            },
         },
         "bf16": {"enabled": on_gpu},
         "steps_per_print": 10**9,
@@ -101,11 +92,35 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, total_steps: in
     return user
 
 
-def init_engine(heads, ds_config: dict[str, Any]):
+def lr_lambda(warmup_steps: int, total_steps: int):
+    """Linear warmup to the peak over ``warmup_steps`` updates, then cosine decay towards 0 at
+    ``total_steps``. The first update already uses a non-zero rate (DeepSpeed's WarmupCosineLR
+    spends its first two updates at 0)."""
+
+    def factor(update: int) -> float:
+        if update < warmup_steps:
+            return (update + 1) / warmup_steps
+        progress = min(1.0, (update - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def init_engine(heads, ds_config: dict[str, Any], warmup_steps: int = 0, total_steps: int = 1):
+    """DeepSpeed engine over the heads only; our warmup + cosine schedule unless the config brings one."""
     import deepspeed
+    import torch
 
     params = [p for p in heads.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=heads, model_parameters=params, config=ds_config)
+    scheduler = None
+    if "scheduler" not in ds_config:
+        factor = lr_lambda(warmup_steps, total_steps)
+
+        def scheduler(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    engine, _, _, _ = deepspeed.initialize(model=heads, model_parameters=params, config=ds_config,
+                                           lr_scheduler=scheduler)
     return engine
 
 
@@ -134,8 +149,9 @@ def forward_backward(engine, decoder, batch, cfg: Config, device):
     t = cfg.train
     loss, stats = engine(hidden, labels=labels, head_decay=t.head_decay, topk=t.topk, chunk_tokens=t.logits_chunk_tokens)
     engine.backward(loss)
+    lr = float(engine.get_lr()[0])  # the rate this update uses (after step() it is the next one's)
     engine.step()
-    return stats, int(mask.sum())
+    return stats, int(mask.sum()), lr
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -157,9 +173,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     base, heads = build_models(cfg, device, dtype)
     decoder = decoder_of(base)
-    ds_config = deepspeed_config(cfg, world, on_gpu, total_steps)
+    ds_config = deepspeed_config(cfg, on_gpu)
     trainable = sum(p.numel() for p in heads.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
-    engine = init_engine(heads, ds_config)
+    engine = init_engine(heads, ds_config, t.warmup_steps, total_steps)
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
     progress = Progress()
@@ -206,7 +222,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if not int(have):
                 break
             consumed_any = True
-            stats, tokens = forward_backward(engine, decoder, collate(batch["input_ids"], batch["labels"], pad_id), cfg, device)
+            stats, tokens, lr = forward_backward(engine, decoder, collate(batch["input_ids"], batch["labels"], pad_id), cfg, device)
             acc += stats.detach().to("cpu", torch.float64)
             acc_tokens += tokens
             acc_rows += len(batch["input_ids"])
@@ -224,7 +240,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             progress.rows += int(summed[-2])
             progress.truncated += int(summed[-1])
             metrics = step_metrics(stats_all, t.head_decay, t.topk)
-            metrics.update(lr=float(engine.get_lr()[0]), tokens_per_s=summed[-3] / max(elapsed, 1e-9), step=progress.step)
+            metrics.update(lr=lr, tokens_per_s=summed[-3] / max(elapsed, 1e-9), step=progress.step)
             acc.zero_()
             acc_tokens = acc_rows = acc_trunc = 0
 
