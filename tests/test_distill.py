@@ -1,0 +1,261 @@
+"""distill end to end on the tiny model: real Ray Serve vLLM deployment, real Ray Data, real vLLM references.
+
+One Serve deployment serves the whole module (``distill.run`` reuses a running identical app); a vLLM
+OpenAI server for the endpoint test starts in the background at module start so its start-up overlaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from medusa_ray import distill
+from medusa_ray.config import build_config
+from medusa_ray.data import read_conversations
+from medusa_ray.distill import plan_rounds
+from medusa_ray.distill.engine import _endpoint_base, parse_reply, serve_deployment
+from medusa_ray.tiny import corpus
+
+ENGINE_KWARGS = {"gpu_memory_utilization": 0.1, "enforce_eager": True, "max_model_len": 512}
+MAX_TOKENS = 64
+NUM_PROMPTS = 20
+_SPEAKER = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+# ---------------------------------------------------------------- fast unit tests (no Ray)
+
+
+def test_rounds_drop_source_answers_and_keep_system_turns():
+    s, u1, a1, u2, a2, u3 = (
+        {"role": "system", "content": "S"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}, {"role": "user", "content": "U3"},
+    )
+    assert plan_rounds([s, u1, a1, u2, a2], "chat") == [[s, u1], [u2]]
+    assert plan_rounds([s, u1, a1, u2, a2, u3], "chat") == [[s, u1], [u2], [u3]]
+    # Consecutive user turns are one round; a leading greeting answers nothing.
+    assert plan_rounds([a1, u1, u2, a2], "chat") == [[u1, u2]]
+    assert plan_rounds([s, u1, a1, u2], "completion") == [[{"role": "user", "content": "U1"}]]
+
+
+def test_reply_parsing_and_endpoint_urls():
+    chat = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    assert parse_reply(chat, "chat") == {"text": "hi", "finish_reason": "stop", "prompt_tokens": 3,
+                                         "completion_tokens": 2, "error": ""}
+    assert parse_reply({"choices": [{"text": "x", "finish_reason": "length"}]}, "completion")["finish_reason"] == "length"
+    assert parse_reply({"error": {"message": "too long", "code": 400}}, "chat")["error"] == "too long"
+    assert parse_reply({"object": "error", "message": "bad"}, "chat")["error"] == "bad"
+    assert _endpoint_base("http://h:1") == "http://h:1/v1"
+    assert _endpoint_base("http://h:1/v1/") == "http://h:1/v1"
+    assert _endpoint_base("http://h:1/v1/chat/completions") == "http://h:1/v1"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    """20 conversations (some multi-turn, some with a system turn): 10 ShareGPT + 10 JSONL, plus 2 bad lines."""
+    convs = corpus.conversations(NUM_PROMPTS, seed=11, max_user_turns=3)
+    assert any(sum(m["role"] == "user" for m in c) > 1 for c in convs)
+    d = tmp_path_factory.mktemp("prompts")
+    sharegpt = [{"conversations": [{"from": _SPEAKER[m["role"]], "value": m["content"]} for m in c]}
+                for c in convs[:10]]
+    (d / "a_sharegpt.json").write_text(json.dumps(sharegpt, indent=1))
+    lines = [json.dumps({"messages": c}) for c in convs[10:]]
+    lines.insert(3, '{"messages": [{"role": "user", "content": "oops"')  # line 4: malformed
+    lines.insert(6, json.dumps({"messages": []}))  # line 7: empty conversation
+    (d / "b_messages.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def openai_server(tiny_model, tmp_path_factory):
+    """A vLLM OpenAI server on a free port, started now and waited for only where it is used."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+         "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.1", "--enforce-eager",
+         "--max-model-len", "512", "--disable-log-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
+    )
+    yield f"http://127.0.0.1:{port}", proc, Path(log.name)
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _cfg(model, input_path, output_dir, **distill_keys):
+    return build_config({
+        "model": str(model),
+        "ray": {"num_cpus": 8, "object_store_gb": 1.0},
+        "distill": {"input": str(input_path), "output_dir": str(output_dir), "max_tokens": MAX_TOKENS,
+                    "engine_kwargs": ENGINE_KWARGS, "shard_size": 4, "batch_size": 8, **distill_keys},
+    })
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_session, tiny_model, prompts, openai_server, tmp_path_factory):
+    cfg = _cfg(tiny_model, prompts, tmp_path_factory.mktemp("unused"))
+    with serve_deployment(cfg) as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def distilled(serve_app, tiny_model, prompts, tmp_path_factory):
+    cfg = _cfg(tiny_model, prompts, tmp_path_factory.mktemp("distill") / "out")
+    return cfg, distill.run(cfg)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [r for f in sorted(out.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def _errors(out: Path) -> list[dict]:
+    return [r for f in sorted((out / "errors").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_assistant_turns_equal_greedy_vllm_chat(distilled, tiny_model, prompts, tmp_path):
+    cfg, summary = distilled
+    out = Path(cfg.distill.output_dir)
+    rows, errors = _rows(out), _errors(out)
+    source = {c.id: c for c in read_conversations(prompts).conversations}
+    assert len(source) == NUM_PROMPTS
+    assert summary.rows_in == NUM_PROMPTS + 2 and summary.invalid == 2
+    assert summary.rows_out == len(rows) and summary.rows_out >= NUM_PROMPTS // 2
+    assert summary.rows_out + summary.failed + summary.truncated + summary.empty == NUM_PROMPTS
+    assert summary.generated_tokens >= sum(r["completion_tokens"] for r in rows) > 0
+    assert sorted([r["id"] for r in rows] + [e["id"] for e in errors if e["reason"] != "invalid"]) == sorted(source)
+    assert any(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in rows), "no multi-turn row"
+
+    histories, expected = [], []
+    for row in rows:
+        src = source[row["id"]].messages
+        # System and user turns are kept verbatim; each round is followed by exactly one regenerated answer.
+        assert [m for m in row["messages"] if m["role"] != "assistant"] == [m for m in src if m["role"] != "assistant"]
+        assert sum(m["role"] == "assistant" for m in row["messages"]) == len(plan_rounds(src, "chat"))
+        assert row["mode"] == "chat" and row["model"] == str(tiny_model) and row["finish_reason"] == "stop"
+        assert row["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": MAX_TOKENS, "seed": 0}
+        for i, m in enumerate(row["messages"]):
+            if m["role"] == "assistant":
+                histories.append(row["messages"][:i])
+                expected.append(m["content"])
+
+    # Completion mode through the same deployment: raw prompt in, completion out. The tiny model only
+    # answers after its chat markers, so the raw prompts carry them, as a user of a template-less model would.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    firsts = [next(m["content"] for m in c.messages if m["role"] == "user") for c in list(source.values())[:6]]
+    raw = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+           for q in firsts]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in raw))
+    comp_cfg = _cfg(tiny_model, tmp_path / "raw.jsonl", tmp_path / "completion", mode="completion")
+    comp = distill.run(comp_cfg)
+    comp_rows = _rows(tmp_path / "completion")
+    assert comp.rows_out == len(comp_rows) >= 3
+    for row in comp_rows:
+        assert row["mode"] == "completion" and [m["role"] for m in row["messages"]] == ["user", "assistant"]
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(tiny_model), seed=0, **ENGINE_KWARGS)
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    got = [o.outputs[0].text for o in llm.chat(histories, greedy, use_tqdm=False)]
+    assert got == expected
+    got = [o.outputs[0].text for o in llm.generate([r["messages"][0]["content"] for r in comp_rows], greedy,
+                                                   use_tqdm=False)]
+    assert got == [r["messages"][1]["content"] for r in comp_rows]
+    del llm
+
+
+def test_bad_lines_are_reported_with_location(distilled, prompts):
+    cfg, _ = distilled
+    invalid = {e["source"]: e for e in _errors(Path(cfg.distill.output_dir)) if e["reason"] == "invalid"}
+    jsonl = prompts / "b_messages.jsonl"
+    assert set(invalid) == {f"{jsonl}:4", f"{jsonl}:7"}
+    assert "not valid JSON" in invalid[f"{jsonl}:4"]["error"]
+    assert invalid[f"{jsonl}:7"]["error"] == "empty conversation"
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(distilled, ray_session, tiny_model, prompts, tmp_path):
+    out = tmp_path / "out"
+    cfg = _cfg(tiny_model, prompts, out, shard_size=2, batch_size=4)
+    cfg_file = tmp_path / "distill.yaml"
+    tree = cfg.to_dict()
+    tree["ray"]["address"] = ray_session.get_runtime_context().gcs_address  # joins our cluster: reuses the app
+    cfg_file.write_text(yaml.safe_dump(tree))
+    log = open(tmp_path / "cli.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "medusa_ray", "distill", "--config", str(cfg_file)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    first = {r["id"] for r in _rows(out)}
+    assert first, (tmp_path / "cli.log").read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+    assert len(first) < NUM_PROMPTS  # really interrupted mid-way (multi-turn rounds were still pending)
+    (out / ".tmp-shard-junk.parquet").write_text("half-written")  # what a kill mid-write would leave
+
+    summary = distill.run(cfg)
+    ids = [r["id"] for r in _rows(out)] + [e["id"] for e in _errors(out)]
+    expected = {c.id for c in read_conversations(prompts).conversations}
+    assert len(ids) == len(set(ids)) == NUM_PROMPTS + 2
+    assert expected <= set(ids)
+    assert summary.skipped >= len(first)
+    assert not list(out.glob(".tmp-*"))
+    # The second run's rows equal the uninterrupted run's: greedy output does not depend on the kill.
+    reference = {r["id"]: r["messages"] for r in _rows(Path(distilled[0].distill.output_dir))}
+    assert {r["id"]: r["messages"] for r in _rows(out)} == reference
+
+    again = distill.run(cfg)  # nothing left: no engine is started, nothing is written
+    assert again.rows_out == 0 and again.skipped == NUM_PROMPTS + 2 and again.shards == 0
+
+
+def test_endpoint_openai_server(openai_server, distilled, tiny_model, prompts, tmp_path):
+    url, proc, log = openai_server
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "vLLM OpenAI server did not come up"
+            time.sleep(1)
+    out = tmp_path / "out"
+    cfg = _cfg(tiny_model, prompts / "a_sharegpt.json", out, endpoint=url, concurrency=2)
+    summary = distill.run(cfg)
+    rows = _rows(out)
+    assert summary.rows_out == len(rows) > 0
+    assert summary.rows_out + summary.failed + summary.truncated + summary.empty == 10
+    reference = {r["id"]: r["messages"] for r in _rows(Path(distilled[0].distill.output_dir))}
+    # Same model, same greedy decoding: the server's answers equal the Serve deployment's.
+    assert {r["id"]: r["messages"] for r in rows} == {r["id"]: reference[r["id"]] for r in rows}
