@@ -30,6 +30,7 @@ STATE_FILE = "tracking.json"
 # W&B must never hold training hostage: bounded waits for init (then offline) and for the final upload.
 WANDB_INIT_TIMEOUT_S = 20.0
 WANDB_FINISH_TIMEOUT_S = 60.0
+WANDB_FLUSH_INTERVAL_S = 1.0
 # A remote MLflow server that is down would otherwise be retried for minutes on every call.
 _MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 # Consecutive failures after which a backend is dropped for the rest of the run.
@@ -44,8 +45,12 @@ def open_tracker(cfg: Config, run_dir: str | os.PathLike) -> "Tracker":
     offline files and the default MLflow store live there, next to ``tracking.json``.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / STATE_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("tracking: disabled, cannot create the run directory: %s", _one_line(exc))
+        return Tracker([])
     state = _read_state(state_path)
 
     openers = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
@@ -58,7 +63,11 @@ def open_tracker(cfg: Config, run_dir: str | os.PathLike) -> "Tracker":
             continue
         state[name] = backend.state
         backends.append(backend)
-    _write_state(state_path, state)
+    try:
+        _write_state(state_path, state)
+    except OSError as exc:
+        log.warning("tracking: cannot write %s (%s); a resumed run will start new tracked runs",
+                    state_path, _one_line(exc))
 
     tracker = Tracker(backends)
     tracker.log_params(cfg.to_dict())
@@ -92,8 +101,12 @@ class Tracker:
         self._fan_out("log_metrics", scalars, step)
 
     def log_summary(self, summary: dict[str, Any], prefix: str = "summary/") -> None:
-        """End-of-stage results, e.g. final per-head metrics, or distill's with ``prefix="distill/"``."""
-        items = {_prefixed(k, prefix): v for k, v in summary.items()}
+        """End-of-stage results, e.g. final per-head metrics, or distill's with ``prefix="distill/"``.
+
+        Numbers become metrics at the last logged step; anything else (paths, names) is stored as text.
+        """
+        items = {_prefixed(k, prefix): float(v) if _is_number(v) else str(v)
+                 for k, v in _flatten(summary).items()}
         self._fan_out("log_summary", items, self._last_step)
 
     def close(self, failed: bool = False) -> None:
@@ -200,9 +213,10 @@ class _WandB(_Backend):
         try:
             self._run = wandb.init(**kwargs, settings=_wandb_settings(wandb))
         except Exception as exc:  # noqa: BLE001 - unreachable service, no API key, bad entity...
-            log.warning("tracking: W&B unreachable (%s); logging offline to %s/wandb, upload later with "
-                        "`wandb sync %s/wandb/offline-run-*`", _one_line(exc), run_dir, run_dir)
             self._run = wandb.init(**kwargs, settings=_wandb_settings(wandb, mode="offline"))
+            log.warning("tracking: W&B unavailable (%s); logging offline to %s/wandb, upload later with "
+                        "`wandb sync --id %s %s/wandb/offline-run-*`", _one_line(exc), run_dir, self._run.id,
+                        run_dir)
         self.state = {"id": self._run.id, "project": self._run.project, "entity": self._run.entity or None}
         # Curves are plotted against the global step, not W&B's own counter, so a run resumed from an
         # older checkpoint than where it crashed still draws (and is accepted) at the right x position.
@@ -225,6 +239,10 @@ class _WandB(_Backend):
 def _wandb_settings(wandb, mode: str | None = None):
     settings = dict(init_timeout=WANDB_INIT_TIMEOUT_S, login_timeout=WANDB_INIT_TIMEOUT_S,
                     finish_timeout=WANDB_FINISH_TIMEOUT_S, reinit="create_new")
+    if "x_transaction_log_flush_interval" in wandb.Settings.model_fields:
+        # When a Ray worker dies, its children (wandb-core) die with it and wandb-core's unwritten buffer
+        # is lost: 15 s of curves by default, for offline runs all there is. Write to disk every second.
+        settings["x_transaction_log_flush_interval"] = WANDB_FLUSH_INTERVAL_S
     if mode:
         settings["mode"] = mode
     return wandb.Settings(**settings)
@@ -244,10 +262,10 @@ class _MLflow(_Backend):
         from mlflow.tracking import MlflowClient
 
         self._client = client = MlflowClient(tracking_uri=uri)
-        run_id = state.get("run_id") if state.get("tracking_uri") == uri else None
-        if run_id:
+        run = _mlflow_active_run(client, state.get("run_id")) if state.get("tracking_uri") == uri else None
+        if run is not None:
+            run_id, experiment_id = run.info.run_id, run.info.experiment_id
             client.update_run(run_id, status="RUNNING")
-            experiment_id = client.get_run(run_id).info.experiment_id
         else:
             experiment = client.get_experiment_by_name(cfg.train.mlflow_experiment)
             experiment_id = (experiment.experiment_id if experiment
@@ -291,6 +309,18 @@ class _MLflow(_Backend):
 
     def close(self, failed: bool) -> None:
         self._client.set_terminated(self._run_id, status="FAILED" if failed else "FINISHED")
+
+
+def _mlflow_active_run(client, run_id: str | None):
+    """The run to resume, unless it was deleted meanwhile (then a new run is started)."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - gone from the store: start afresh
+        log.warning("tracking: MLflow run %s not found (%s); starting a new run", run_id, _one_line(exc))
+        return None
+    return run if run.info.lifecycle_stage == "active" else None
 
 
 def _read_state(path: Path) -> dict[str, Any]:

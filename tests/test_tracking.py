@@ -73,7 +73,8 @@ def mlflow_client(run_dir: Path):
 
 
 def our_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "medusa_ray.tracking" and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records
+            if r.name == "medusa_ray.tracking" and r.levelno >= logging.WARNING]
 
 
 def steps_of(history, key: str) -> list[int]:
@@ -183,7 +184,7 @@ def test_unreachable_wandb_warns_once_and_logs_offline(tmp_path, monkeypatch, ca
             tracker.log_metrics({"loss": 1.0 / step, "medusa0_loss": 2.0 / step}, step=step)
         tracker.close()
     warnings = our_warnings(caplog)
-    assert len(warnings) == 1 and "unreachable" in warnings[0] and "wandb sync" in warnings[0]
+    assert len(warnings) == 1 and "W&B unavailable" in warnings[0] and "wandb sync" in warnings[0]
     (fragment,) = wandb_fragments(run_dir)
     assert steps_of(fragment["history"], "train/medusa0_loss") == [1, 2]
     assert fragment["run_id"] == json.loads((run_dir / "tracking.json").read_text())["wandb"]["id"]
@@ -228,6 +229,14 @@ def test_a_backend_failing_mid_run_warns_once_and_never_raises(tmp_path, caplog)
     assert tracker.backends == ["tensorboard"]
     tb = tb_scalars(run_dir / "tensorboard")
     assert [s for s, _ in tb["train/loss"]] == [1, 2, 3, 4, 5, 6]
+
+    # Resuming after the MLflow run was deleted starts a new MLflow run; TensorBoard continues its own.
+    with open_tracker(cfg, run_dir) as tracker:
+        tracker.log_metrics({"loss": 0.1}, step=7)
+    client, new_run_id = mlflow_client(run_dir)
+    assert new_run_id != run_id
+    assert [m.step for m in client.get_metric_history(new_run_id, "train/loss")] == [7]
+    assert [s for s, _ in tb_scalars(run_dir / "tensorboard")["train/loss"]] == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_metric_keys_and_params_are_normalised(tmp_path):
@@ -284,44 +293,48 @@ def _write_train_parquet(out_dir: Path, model_dir: Path, n: int = 48) -> None:
     ])
     out_dir.mkdir(parents=True)
     for i in range(0, n, n // 2):
-        pq.write_table(pa.Table.from_pylist(rows[i : i + n // 2], schema=schema), out_dir / f"part-{i:05d}.parquet")
+        shard = pa.Table.from_pylist(rows[i : i + n // 2], schema=schema)
+        pq.write_table(shard, out_dir / f"part-{i:05d}.parquet")
 
 
 def test_train_logs_every_head_to_all_three_and_a_resumed_run_appends(tmp_path, random_tiny_model, ray_session):
+    """One train run that crashes at step 3 and resumes from its step-2 checkpoint: a single tracked run."""
     from medusa_ray import train
 
     data = tmp_path / "distill"
     _write_train_parquet(data, random_tiny_model)
     storage = tmp_path / "ray_results"
-    common = [ALL, f"model={random_tiny_model}", f"train.data={data}", f"train.storage_path={storage}",
-              "train.run_name=tracked", f"train.medusa_num_heads={HEADS}", "train.batch_size=4",
-              "train.max_length=64", "train.zero_stage=0", "train.warmup_steps=0", "train.use_gpu=false"]
-    first = train.run(build_config({}, common + ["train.max_steps=3"]))
-    assert first.global_step == 3
+    result = train.run(build_config({}, [
+        ALL, f"model={random_tiny_model}", f"train.data={data}", f"train.storage_path={storage}",
+        "train.run_name=tracked", f"train.medusa_num_heads={HEADS}", "train.batch_size=4", "train.max_length=64",
+        "train.zero_stage=0", "train.warmup_steps=0", "train.use_gpu=false", "train.max_steps=4",
+        "train.checkpoint_every=2", "train.fail_at_step=3", "train.max_failures=1"]))
+    assert result.global_step == 4 and result.resumed_from == 2
     run_dir = storage / "tracked"
     state = json.loads((run_dir / "tracking.json").read_text())
-    second = train.run(build_config({}, common + ["train.max_steps=5"]))
-    assert second.global_step == 5 and second.resumed_from == 3
-    assert json.loads((run_dir / "tracking.json").read_text()) == state
 
-    expected = [1, 2, 3, 4, 5]
+    expected = [1, 2, 3, 4]
     tb = tb_scalars(Path(state["tensorboard"]["log_dir"]))
     fragments = wandb_fragments(run_dir)
-    assert [f["run_id"] for f in fragments] == [state["wandb"]["id"]] * 2
+    assert [f["run_id"] for f in fragments] == [state["wandb"]["id"]] * 2  # one per attempt, one run
     history = [item for f in fragments for item in f["history"]]
     client, run_id = mlflow_client(run_dir)
-    assert client.get_run(run_id).info.status == "FINISHED"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
     for k in range(HEADS):
         key = f"train/medusa{k}_loss"
         assert [s for s, _ in tb[key]] == expected, key
         assert steps_of(history, key) == expected, key
-        assert [m.step for m in client.get_metric_history(run_id, key)] == expected, key
+        mlflow_history = client.get_metric_history(run_id, key)
+        assert [m.step for m in mlflow_history] == expected, key
         tb_values = [v for _, v in tb[key]]
-        mlflow_values = [m.value for m in client.get_metric_history(run_id, key)]
-        assert mlflow_values == pytest.approx(tb_values, rel=1e-5)
+        assert [m.value for m in mlflow_history] == pytest.approx(tb_values, rel=1e-5)
+        assert [item[key] for item in history if key in item] == pytest.approx(tb_values, rel=1e-5)
         assert all(v > 0 for v in tb_values)
     for key in ("train/loss", "train/lr", "train/tokens_per_s", "train/medusa0_top1"):
         assert [s for s, _ in tb[key]] == expected, key
-    # The final per-head summary of each attempt.
-    assert "summary/medusa1_loss" in fragments[-1]["summary"]
-    assert "summary/medusa1_loss" in client.get_run(run_id).data.metrics
+    # The final per-head summary, from the attempt that finished.
+    assert fragments[-1]["summary"]["summary/medusa1_loss"] == pytest.approx(result.metrics["medusa1_loss"])
+    assert run.data.metrics["summary/medusa1_loss"] == pytest.approx(result.metrics["medusa1_loss"])
+    assert run.data.params["train.max_steps"] == "4"
