@@ -75,11 +75,14 @@ class DistillConfig(_Section):
     batch_size: int = Field(16, ge=1)
     """Requests per Ray Data batch sent to the engine."""
     concurrency: int = Field(1, ge=1)
-    """Ray Data actors sending requests."""
+    """Ray Data actors sending requests. With ``endpoint`` each actor sends its requests one at a time
+    (Ray's HTTP stage), so raise this to keep the server busy."""
     shard_size: int = Field(256, ge=1)
     """Conversations per output Parquet shard; a shard is the unit of resume."""
     max_retries: int = Field(2, ge=0)
-    """Extra attempts for a failed or truncated request before it is recorded as an error."""
+    """Extra attempts for a failed or truncated request before it is recorded in ``<output_dir>/errors``.
+    Truncated replies are retried only when sampling (``temperature > 0``): greedy decoding would repeat them.
+    Conversations recorded as errors count as done on a re-run; delete ``errors/`` to retry them."""
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> "DistillConfig":
