@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from medusa_ray.errors import UserError
+from medusa_ray.train.checkpoints import DEEPSPEED_DIR, META_FILE, META_FORMAT
 
 log = logging.getLogger(__name__)
 
-META_FILE = "medusa_meta.json"
-META_FORMAT = "medusa-ray/1"
 _META_KEYS = ("base_model", "medusa_num_heads", "medusa_num_layers", "share_lm_head", "hidden_size", "vocab_size",
               "global_step", "zero_stage", "world_size")
 _HEAD_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
@@ -35,29 +34,11 @@ def is_remote(path: str) -> bool:
 
 
 def find_latest(storage_path: str, run_name: str) -> Path | None:
-    """The newest checkpoint of a run: the train stage's lookup when it exists, else Ray Train V2's layout.
+    """The newest complete checkpoint of a run, as the train stage defines it."""
+    from medusa_ray.train.checkpoints import find_latest_checkpoint
 
-    Ray Train V2 keeps each reported checkpoint as ``<storage_path>/<run_name>/checkpoint_*/``; the one
-    with the highest ``global_step`` in its ``medusa_meta.json`` wins.
-    """
-    try:
-        from medusa_ray.train.checkpoints import find_latest_checkpoint
-    except ImportError:
-        find_latest_checkpoint = None
-    if find_latest_checkpoint is not None:
-        found = find_latest_checkpoint(storage_path, run_name)
-        return Path(found) if found is not None else None
-    run_dir = Path(storage_path) / run_name
-    best: tuple[int, float, Path] | None = None
-    for meta_path in run_dir.glob(f"*/{META_FILE}"):
-        try:
-            step = int(json.loads(meta_path.read_text())["global_step"])
-        except (ValueError, KeyError, TypeError, OSError):
-            continue
-        key = (step, meta_path.stat().st_mtime, meta_path.parent)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return best[2] if best else None
+    found = find_latest_checkpoint(storage_path, run_name)
+    return Path(found) if found is not None else None
 
 
 @contextlib.contextmanager
@@ -112,7 +93,7 @@ def _deepspeed_tag(ds_dir: Path, meta: dict) -> str:
 
 def consolidate(ckpt: Path, meta: dict) -> dict[str, torch.Tensor]:
     """Full fp32 head weights from the DeepSpeed shards of any ZeRO stage and world size."""
-    ds_dir = ckpt / "deepspeed"
+    ds_dir = ckpt / DEEPSPEED_DIR
     tag = _deepspeed_tag(ds_dir, meta)
     shard_dir = ds_dir / tag
     stage = int(meta["zero_stage"])
