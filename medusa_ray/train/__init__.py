@@ -59,17 +59,16 @@ def run(cfg: Config) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from medusa_ray.train.data import tokenize_batch
     from medusa_ray.train.worker import train_loop
 
-    ds = ray.data.read_parquet(files, columns=[c for c in READ_COLUMNS if c in columns])
-    rows = ds.count()
+    rows = _num_rows(files)
     if rows == 0:
         raise UserError(f"train data {cfg.train_data} has no rows")
     per_step = t.num_workers * t.batch_size * t.grad_accum
     total_steps = t.max_steps or max(1, t.epochs * math.ceil(rows / per_step))
-    ds = ds.map_batches(tokenize_batch, fn_kwargs={"model": cfg.model, "max_length": t.max_length},
-                        batch_format="numpy", batch_size=64)
+    # Workers tokenize their own shard: they have the tokenizer loaded already, and extra Ray Data
+    # tasks would each pay for importing transformers.
+    ds = ray.data.read_parquet(files, columns=[c for c in READ_COLUMNS if c in columns])
 
     use_gpu = t.use_gpu if t.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
     log.info("training %d heads on %d rows for %d steps with %d worker(s), ZeRO %d", t.medusa_num_heads, rows,
@@ -140,6 +139,12 @@ def _columns(files: list[str]) -> set[str]:
             raise UserError(f"{f}: not a readable Parquet file: {exc}") from None
         cols = names if cols is None else cols & names
     return cols or set()
+
+
+def _num_rows(files: list[str]) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def _base_dims(model: str) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from medusa_ray.config import Config
 from medusa_ray.train import checkpoints
-from medusa_ray.train.data import collate
+from medusa_ray.train.data import collate, tokenize_batch
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if not int(have):
                 break
             consumed_any = True
+            batch = tokenize_batch(batch, cfg.model, t.max_length)
             stats, tokens, lr = forward_backward(engine, decoder, collate(batch["input_ids"], batch["labels"], pad_id), cfg, device)
             acc += stats.detach().to("cpu", torch.float64)
             acc_tokens += tokens

@@ -1,0 +1,129 @@
+"""`train` end to end on Ray Train: 2 workers, real DeepSpeed over gloo, distilled Parquet, tiny model."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from medusa_ray.config import build_config
+from medusa_ray.errors import UserError
+from medusa_ray.tiny import corpus
+from medusa_ray.train import checkpoints, find_latest_checkpoint, run
+from medusa_ray.train.plots import read_metrics
+
+NUM_HEADS = 3
+
+
+def write_distill_parquet(out_dir: Path, n: int = 256, seed: int = 7, shards: int = 2, model: str = "tiny") -> Path:
+    """Conversations in the distill output format (contract 1), as distill would write them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for messages in corpus.conversations(n, seed):
+        rows.append({
+            "id": hashlib.sha1(json.dumps(messages).encode()).hexdigest()[:16],
+            "messages": messages,
+            "mode": "chat",
+            "model": model,
+            "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 0},
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "finish_reason": "stop",
+        })
+    per_shard = -(-len(rows) // shards)
+    for i in range(shards):
+        pq.write_table(pa.Table.from_pylist(rows[i * per_shard : (i + 1) * per_shard]), out_dir / f"part-{i:05d}.parquet")
+    # Failed requests live under errors/ and must never be trained on.
+    (out_dir / "errors").mkdir()
+    pq.write_table(pa.table({"id": ["x"], "error": ["timeout"]}), out_dir / "errors" / "part-00000.parquet")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def distilled(tmp_path_factory) -> Path:
+    return write_distill_parquet(tmp_path_factory.mktemp("distill") / "out")
+
+
+def _cfg(model, data, storage, run_name, *overrides):
+    return build_config({}, [
+        f"model={model}", f"train.data={data}", f"train.storage_path={storage}", f"train.run_name={run_name}",
+        f"train.medusa_num_heads={NUM_HEADS}", "train.num_workers=2", "train.batch_size=4", "train.lr=3e-3",
+        "train.warmup_steps=2", "train.max_length=128", "train.logits_chunk_tokens=128", "train.tracking=[]",
+        *overrides,
+    ])
+
+
+def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, random_tiny_model, distilled, tmp_path):
+    cfg = _cfg(random_tiny_model, distilled, tmp_path, "fault", "train.zero_stage=2", "train.max_steps=20",
+               "train.checkpoint_every=5", "train.keep_checkpoints=2", "train.fail_at_step=8", "train.max_failures=1")
+    result = run(cfg)
+
+    # Rank 0 raised at step 8; Ray Train restarted the workers from the step-5 checkpoint and finished.
+    assert (tmp_path / "fault" / ".fail_at_step_8.done").exists()
+    assert result.resumed_from == 5
+    assert result.global_step == 20
+    assert result.checkpoint == find_latest_checkpoint(str(tmp_path), "fault")
+    assert sorted(p.name for p in (tmp_path / "fault").glob("checkpoint_step*")) == [
+        checkpoints.checkpoint_dir_name(15), checkpoints.checkpoint_dir_name(20)]
+
+    meta = checkpoints.read_meta(result.checkpoint)
+    assert meta["global_step"] == 20 and meta["world_size"] == 2 and meta["zero_stage"] == 2
+    assert meta["medusa_num_heads"] == NUM_HEADS and meta["share_lm_head"] is False
+    assert meta["config"]["train"]["run_name"] == "fault"
+    # 20 steps x 2 workers x 4 rows, counted across the restart (the lost steps 6-7 are not double counted).
+    assert meta["data"]["rows"] == 20 * 2 * 4 and meta["data"]["tokens"] > 0
+    ds_dir = result.checkpoint / "deepspeed"
+    assert (ds_dir / "latest").read_text().strip() == "global_step20"
+    assert {p.name for p in (ds_dir / "global_step20").iterdir()} >= {
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+
+    # Every head reports loss and top-k accuracy, and every head's loss went down.
+    history = read_metrics(tmp_path / "fault" / "metrics.jsonl")
+    assert [r["step"] for r in history] == list(range(1, 21))
+    first, last = history[0], history[-1]
+    for k in range(NUM_HEADS):
+        for key in (f"medusa{k}_loss", f"medusa{k}_top1", f"medusa{k}_top3"):
+            assert key in last
+        assert last[f"medusa{k}_loss"] < 0.8 * first[f"medusa{k}_loss"], (k, first, last)
+    assert last["tokens_per_s"] > 0 and last["lr"] > 0
+    assert result.metrics["step"] == 20
+    assert result.plot is not None and result.plot.stat().st_size > 0
+
+
+def test_stopped_run_continues_when_rerun_zero3(ray_session, random_tiny_model, distilled, tmp_path):
+    args = (random_tiny_model, distilled, tmp_path, "rerun", "train.zero_stage=3", "train.max_steps=8",
+            "train.checkpoint_every=3")
+    # The first attempt dies at step 5 with no retries left: the run stops after its step-3 checkpoint.
+    with pytest.raises(Exception, match="injected failure"):
+        run(_cfg(*args, "train.fail_at_step=5", "train.max_failures=0"))
+    stopped = find_latest_checkpoint(str(tmp_path), "rerun")
+    assert checkpoints.read_meta(stopped)["global_step"] == 3
+
+    # Re-running the same command continues from step 3 instead of starting over.
+    result = run(_cfg(*args))
+    assert result.resumed_from == 3 and result.global_step == 8
+    meta = checkpoints.read_meta(result.checkpoint)
+    assert meta["zero_stage"] == 3 and meta["data"]["rows"] == 8 * 2 * 4
+    # ZeRO-3 partitions the heads themselves: each rank wrote its own parameter shard.
+    files = {p.name for p in (result.checkpoint / "deepspeed" / "global_step8").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
+
+
+def test_incompatible_rerun_and_bad_inputs_fail_before_ray(random_tiny_model, distilled, tmp_path):
+    run_dir = tmp_path / "old" / "checkpoint_step00000004"
+    (run_dir / "deepspeed").mkdir(parents=True)
+    (run_dir / "deepspeed" / "latest").write_text("global_step4")
+    meta = {"format": checkpoints.META_FORMAT, "global_step": 4, "medusa_num_heads": 5, "medusa_num_layers": 1,
+            "share_lm_head": False, "hidden_size": 128, "vocab_size": 1024, "zero_stage": 2, "world_size": 2}
+    (run_dir / checkpoints.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="medusa_num_heads=5"):
+        run(_cfg(random_tiny_model, distilled, tmp_path, "old"))
+    with pytest.raises(UserError, match="no \\*.parquet"):
+        run(_cfg(random_tiny_model, tmp_path, tmp_path, "x"))
+    with pytest.raises(UserError, match="model"):
+        run(_cfg(tmp_path / "no-model", distilled, tmp_path, "x"))
+    with pytest.raises(UserError, match="deepspeed_config"):
+        run(_cfg(random_tiny_model, distilled, tmp_path, "x", f"train.deepspeed_config={tmp_path}/ds.json"))
