@@ -127,3 +127,15 @@ def test_incompatible_rerun_and_bad_inputs_fail_before_ray(random_tiny_model, di
         run(_cfg(tmp_path / "no-model", distilled, tmp_path, "x"))
     with pytest.raises(UserError, match="deepspeed_config"):
         run(_cfg(random_tiny_model, distilled, tmp_path, "x", f"train.deepspeed_config={tmp_path}/ds.json"))
+
+
+def test_a_bad_row_fails_with_one_line_naming_it(ray_session, random_tiny_model, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"id": "ok-1", "messages": corpus.conversations(1, seed=1)[0], "mode": "chat"},
+            {"id": "broken-42", "messages": [{"role": "user", "content": "no reply"}], "mode": "chat"}]
+    pq.write_table(pa.Table.from_pylist(rows), data / "part-00000.parquet")
+    cfg = _cfg(random_tiny_model, data, tmp_path, "bad", "train.num_workers=1", "train.zero_stage=0",
+               "train.max_steps=2", "train.max_failures=0")
+    with pytest.raises(UserError, match=r"^train data row id=broken-42: no assistant turn to train on$"):
+        run(cfg)

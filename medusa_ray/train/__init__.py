@@ -88,9 +88,10 @@ def run(cfg: Config) -> TrainResult:
     try:
         result = trainer.fit()
     except Exception as exc:
-        bad_row = re.search(r"train data row id=[^\n]*", str(exc))
+        # A worker hit a row it cannot train on: surface that one line, not the Ray traceback.
+        bad_row = re.search(r"BadRowError: (train data row id=[^\n]*)", str(exc))
         if bad_row:
-            raise UserError(bad_row.group(0)) from None
+            raise UserError(bad_row.group(1)) from None
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {t.storage_path}/{t.run_name}")
