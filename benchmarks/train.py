@@ -120,7 +120,7 @@ def _reference_step(base, heads, ids, mask, labels, decay: float, topk: int):
             top = medusa_logits.topk(topk, dim=-1).indices[not_ignore]
             _ = top.eq(medusa_labels[not_ignore].unsqueeze(-1)).cumsum(-1).clamp(max=1).float().mean(0)
     loss.backward()
-    return loss
+    return loss.detach()
 
 
 def _ours_step(base, heads, ids, mask, labels, decay: float, topk: int, chunk: int):
@@ -130,7 +130,7 @@ def _ours_step(base, heads, ids, mask, labels, decay: float, topk: int, chunk: i
         hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     loss, _ = heads(hidden, labels=labels, head_decay=decay, topk=topk, chunk_tokens=chunk)
     loss.backward()
-    return loss
+    return loss.detach()
 
 
 def _case(args, variant: str, vocab: int, batches, queue):
@@ -156,7 +156,7 @@ def _case(args, variant: str, vocab: int, batches, queue):
             loss = _ours_step(base, heads, ids, mask, labels, 0.8, args.topk, args.chunk)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     step(batches[0])  # warm-up: allocator, optimizer state
     if device.type == "cuda":
