@@ -1,0 +1,323 @@
+"""Real clusters, started by the tests themselves: a `ray start --head` cluster that runs the tiny pipeline
+submitted as a Ray job, and a 2-node `ray.cluster_utils.Cluster` on which training must spread its
+workers. Both live in subprocesses / their own ports and temp dirs, so they never touch the pytest
+session's in-process Ray (`ray_session`) or other clusters on the machine, and both are torn down by
+process id (never `ray stop`, which would stop every Ray cluster of this user on the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+pytestmark = pytest.mark.slow
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _short_tmp(prefix: str) -> Path:
+    # Ray puts unix sockets under its temp dir; pytest's tmp_path is too long for AF_UNIX (107 bytes).
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of this user's processes whose environment carries ``marker`` (everything a cluster spawned)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def _reap(marker: str, timeout: float) -> list[int]:
+    """Wait for every process tagged ``marker`` to exit; SIGKILL (and return) those that would not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = _processes_with(marker)
+        if not alive:
+            return []
+        time.sleep(0.5)
+    left = _processes_with(marker)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
+
+
+def _write_distilled(out_dir: Path, n: int = 48) -> Path:
+    """Training data in the distill output format (contract 1), without running vLLM."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from medusa_ray.tiny import corpus
+
+    out_dir.mkdir(parents=True)
+    convs = corpus.conversations(n, seed=7)
+    table = pa.table({
+        "id": [f"c{i}" for i in range(n)],
+        "messages": convs,
+        "mode": ["chat"] * n,
+        "model": ["tiny"] * n,
+        "sampling": [{"temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 0}] * n,
+        "prompt_tokens": pa.array([10] * n, pa.int64()),
+        "completion_tokens": pa.array([10] * n, pa.int64()),
+        "finish_reason": ["stop"] * n,
+    })
+    pq.write_table(table, out_dir / "part-00000.parquet")
+    return out_dir
+
+
+# --- `ray job submit` on a real `ray start --head` cluster ------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    # If pytest itself is killed, the cluster gets SIGTERM and shuts down instead of lingering.
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Head:
+    """`ray start --head --block` with ports and a temp dir of its own; stopped by signalling that process."""
+
+    def __init__(self, num_cpus: int = 8):
+        self.num_cpus = num_cpus
+        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+        self.marker = uuid.uuid4().hex
+        # Ray 2.60 clusters require a token; this one has its own, handed to the cluster (and so to job
+        # drivers) through the environment, and to the client as a header.
+        self.token = generate_new_authentication_token()
+        self.temp_dir = _short_tmp("mrj")
+        self.log = open(self.temp_dir / "ray_start.log", "w")
+        self.attempts = 0
+        self._launch()
+
+    def _launch(self) -> None:
+        self.attempts += 1
+        gcs, dash, client, nm, om, metrics, agent_http, agent_grpc, renv = _free_ports(9)
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        env = dict(os.environ, RAY_TMPDIR=str(self.temp_dir), MEDUSA_RAY_TEST_CLUSTER=self.marker,
+                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_TOKEN_PATH", None)
+        cmd = [
+            RAY, "start", "--head", "--block", "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
+            "--object-store-memory=500000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+            f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--metrics-export-port={metrics}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={renv}", "--min-worker-port=0", "--max-worker-port=0",
+        ]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+
+    def client(self, timeout: float = 180):
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                # Ray gives the raylet 30 s to register; a machine shared with other test runs can miss
+                # that. One fresh attempt, then it is a real failure.
+                if self.attempts < 2:
+                    _reap(self.marker, timeout=30)
+                    self._launch()
+                    continue
+                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self._log_tail()}")
+            try:
+                client = JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
+                client.list_jobs()
+                return client
+            except Exception:  # noqa: BLE001 - dashboard not up yet
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"dashboard {self.dashboard} never came up:\n{self._log_tail()}")
+                time.sleep(1)
+
+    def _log_tail(self) -> str:
+        self.log.flush()
+        return (self.temp_dir / "ray_start.log").read_text()[-3000:]
+
+    def stop(self) -> list[int]:
+        """Stop this cluster only; return the pids that outlived it (killed, but a failure)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        left = _reap(self.marker, timeout=30)
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return left
+
+
+def test_ray_job_submit_runs_the_tiny_pipeline(tiny_model, tmp_path):
+    from ray.job_submission import JobStatus
+
+    out = tmp_path / "run"
+    config = {
+        "model": str(tiny_model),
+        "distill": {
+            "input": str(REPO / "examples" / "demo_prompts.jsonl"), "output_dir": str(out / "distill"),
+            "limit": 24, "max_tokens": 64, "batch_size": 8,
+            "engine_kwargs": {"max_model_len": 256, "enforce_eager": True, "gpu_memory_utilization": 0.1},
+        },
+        "train": {
+            "num_workers": 1, "zero_stage": 0, "batch_size": 4, "max_steps": 3, "max_length": 128,
+            "warmup_steps": 0, "checkpoint_every": 3, "storage_path": str(out / "ray_results"),
+            "run_name": "job", "tracking": [],
+        },
+        "export": {"output_dir": str(out / "export")},
+        "eval": {
+            "num_prompts": 4, "max_tokens": 16, "compare_untrained": False, "output_json": str(out / "eval.json"),
+            "engine_kwargs": {"max_model_len": 256, "enforce_eager": True, "gpu_memory_utilization": 0.1},
+        },
+    }
+    config_path = tmp_path / "pipeline.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    runtime_env["working_dir"] = str(REPO)
+
+    head = _Head()
+    try:
+        client = head.client()
+        job_id = client.submit_job(
+            # The cluster's interpreter; on a real cluster this is plain `python`.
+            entrypoint=f"{sys.executable} jobs/pipeline.py --config {config_path}",
+            runtime_env=runtime_env,
+        )
+        deadline = time.monotonic() + 420
+        status = client.get_job_status(job_id)
+        while not status.is_terminal() and time.monotonic() < deadline:
+            time.sleep(2)
+            status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}:\n{logs[-4000:]}"
+        # It joined the submitted-to cluster rather than starting its own.
+        assert "starting a local Ray cluster" not in logs
+    finally:
+        left = head.stop()
+    assert left == [], f"processes outlived the cluster (killed now): {left}"
+
+    assert sorted((out / "distill").glob("*.parquet")), "no distilled shards"
+    from medusa_ray.train import find_latest_checkpoint
+
+    checkpoint = find_latest_checkpoint(str(out / "ray_results"), "job")
+    assert checkpoint is not None and (checkpoint / "medusa_meta.json").is_file()
+    assert json.loads((checkpoint / "medusa_meta.json").read_text())["global_step"] == 3
+    export = out / "export"
+    assert (export / "medusa_lm_head.safetensors").is_file()
+    assert json.loads((export / "config.json").read_text())["medusa_num_heads"] == 3
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["num_drafts"] > 0 and evaluation["acceptance_length"] >= 1.0
+
+
+# --- training on a 2-node cluster ------------------------------------------------------------------------
+
+_TWO_NODE_DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from medusa_ray.config import build_config
+    from medusa_ray import train
+
+    args = json.loads(sys.argv[1])
+    # A head that runs nothing, and two nodes that could each hold both training workers: only a SPREAD
+    # placement puts the workers on different nodes.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "gcs_server_port": args["port"], "include_dashboard": False,
+        "object_store_memory": 200 * 2**20,
+    })
+    nodes = {}
+    for name in ("a", "b"):
+        node = cluster.add_node(num_cpus=3, resources={f"node_{name}": 1}, object_store_memory=200 * 2**20)
+        nodes[node.node_id] = name
+    cluster.wait_for_nodes()
+    cfg = build_config(args["config"], [f"ray.address={cluster.address}"])
+    try:
+        result = train.run(cfg)
+        from ray._private.state import actors
+        workers = [a for a in actors().values() if a["ActorClassName"].endswith("RayTrainWorker")]
+        print("RESULT " + json.dumps({
+            "global_step": result.global_step,
+            "worker_nodes": sorted(nodes.get(a["Address"]["NodeID"], "head") for a in workers),
+        }), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+
+
+# Until medusa_ray/train asks Ray Train for a SPREAD placement the workers pack onto one node; the test
+# shows that (strict xfail) and turns into a plain test the moment train spreads its workers.
+_TRAIN_SPREADS = "SPREAD" in (REPO / "medusa_ray" / "train" / "__init__.py").read_text()
+
+
+@pytest.mark.xfail(not _TRAIN_SPREADS, strict=True,
+                   reason="medusa_ray.train does not pass ScalingConfig(placement_strategy='SPREAD') yet")
+def test_training_workers_spread_over_two_nodes(random_tiny_model, tmp_path):
+    data = _write_distilled(tmp_path / "distilled")
+    config = {
+        "model": str(random_tiny_model),
+        "train": {
+            "data": str(data), "num_workers": 2, "zero_stage": 2, "batch_size": 2, "max_steps": 2,
+            "max_length": 64, "warmup_steps": 0, "checkpoint_every": 2,
+            "storage_path": str(tmp_path / "ray_results"), "run_name": "spread", "tracking": [],
+        },
+    }
+    temp = _short_tmp("mr2")
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, RAY_TMPDIR=str(temp), MEDUSA_RAY_TEST_CLUSTER=marker)
+    env.pop("RAY_ADDRESS", None)
+    (port,) = _free_ports(1)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _TWO_NODE_DRIVER, json.dumps({"config": config, "port": port})],
+            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path, preexec_fn=_die_with_parent,
+        )
+    finally:
+        left = _reap(marker, timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"driver failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["global_step"] == 2
+    # Two workers (one per rank; a restarted group would show up as more), on two different nodes.
+    assert sorted(set(result["worker_nodes"])) == ["a", "b"], result
+    assert left == [], f"processes outlived the cluster (killed now): {left}"
