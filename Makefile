@@ -1,6 +1,6 @@
 # The two commands a new user runs. Each builds .venv first if it is missing or stale.
 PY := .venv/bin/python
-DEMO_DIR ?= outputs/demo
+DEMO_MODEL := outputs/demo/tiny-model
 
 .PHONY: env demo test clean
 
@@ -8,6 +8,7 @@ env:
 	@bash scripts/setup_env.sh
 
 demo: env
+	@test -f $(DEMO_MODEL)/config.json || $(PY) -m medusa_ray make-tiny-model $(DEMO_MODEL) --pretrain-steps 300
 	$(PY) -m medusa_ray pipeline --config configs/demo.yaml
 
 test: env

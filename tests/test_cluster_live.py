@@ -284,13 +284,6 @@ _TWO_NODE_DRIVER = textwrap.dedent(
 )
 
 
-# Until medusa_ray/train asks Ray Train for a SPREAD placement the workers pack onto one node; the test
-# shows that (strict xfail) and turns into a plain test the moment train spreads its workers.
-_TRAIN_SPREADS = "SPREAD" in (REPO / "medusa_ray" / "train" / "__init__.py").read_text()
-
-
-@pytest.mark.xfail(not _TRAIN_SPREADS, strict=True,
-                   reason="medusa_ray.train does not pass ScalingConfig(placement_strategy='SPREAD') yet")
 def test_training_workers_spread_over_two_nodes(random_tiny_model, tmp_path):
     data = _write_distilled(tmp_path / "distilled")
     config = {

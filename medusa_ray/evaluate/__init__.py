@@ -109,6 +109,17 @@ def _run_engine(base: str, prompts: list[Prompt], max_tokens: int, kwargs: dict[
     return outputs, elapsed, delta
 
 
+def _acceptance(counters: dict[str, Any], k: int) -> dict[str, Any]:
+    """Mean acceptance length (tokens per verification step) and acceptance rate per draft position."""
+    drafts = int(counters[_DRAFTS])
+    accepted = int(counters[_ACCEPTED])
+    return {
+        "acceptance_length": 1.0 + accepted / drafts if drafts else 1.0,
+        "accepted_per_position": [a / drafts if drafts else 0.0 for a in counters[_PER_POS]][:k],
+        "num_drafts": drafts,
+    }
+
+
 def _compare(base_out: list[list[int]], spec_out: list[list[int]]) -> list[dict[str, Any]]:
     errors = []
     for i, (a, b) in enumerate(zip(base_out, spec_out)):
@@ -131,6 +142,8 @@ def _print_table(results: dict[str, Any]) -> None:
         ("outputs identical", "yes" if results["outputs_identical"]
          else f"ERROR: {len(results['errors'])} prompt(s) differ"),
     ]
+    for name, other in results.get("compared", {}).items():
+        rows.append((f"acceptance length ({name})", f"{other['acceptance_length']:.3f}"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     accuracy = results.get("head_accuracy")
@@ -142,8 +155,12 @@ def _print_table(results: dict[str, Any]) -> None:
             print(f"{head:<8}" + "".join(f"  {a:6.3f}" for a in accs))
 
 
-def run(cfg: Config, medusa_dir: str | None = None) -> dict[str, Any]:
-    """Decode ``eval.prompts`` with and without the Medusa heads in ``medusa_dir`` (default ``export.output_dir``)."""
+def run(cfg: Config, medusa_dir: str | None = None, compare: dict[str, str] | None = None) -> dict[str, Any]:
+    """Decode ``eval.prompts`` with and without the Medusa heads in ``medusa_dir`` (default ``export.output_dir``).
+
+    ``compare`` maps a name to another heads directory of the same shape (e.g. the heads before training); each
+    gets its own speculative run against the same plain-decoding baseline, reported under ``compared``.
+    """
     medusa_path = Path(medusa_dir or cfg.export.output_dir).expanduser().resolve()
     config = _medusa_config(medusa_path)
     heads = int(config["medusa_num_heads"])
@@ -163,6 +180,14 @@ def run(cfg: Config, medusa_dir: str | None = None) -> dict[str, Any]:
     log.info("decoding %d prompts with Medusa (%d speculative tokens)", len(prompts), k)
     spec_out, spec_time, counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, speculative)
 
+    compared = {}
+    for name, other in (compare or {}).items():
+        log.info("decoding %d prompts with Medusa heads %r (%s)", len(prompts), name, other)
+        other_spec = {**speculative, "model": str(Path(other).resolve())}
+        other_out, _, other_counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, other_spec)
+        compared[name] = _acceptance(other_counters, k)
+        compared[name]["outputs_identical"] = not _compare(base_out, other_out)
+
     drafts = int(counters[_DRAFTS])
     accepted = int(counters[_ACCEPTED])
     errors = _compare(base_out, spec_out)
@@ -176,9 +201,7 @@ def run(cfg: Config, medusa_dir: str | None = None) -> dict[str, Any]:
         "num_prompts": len(prompts),
         "max_tokens": cfg.eval.max_tokens,
         "num_speculative_tokens": k,
-        "acceptance_length": 1.0 + accepted / drafts if drafts else 1.0,
-        "accepted_per_position": [a / drafts if drafts else 0.0 for a in counters[_PER_POS]][:k],
-        "num_drafts": drafts,
+        **_acceptance(counters, k),
         "num_draft_tokens": int(counters[_DRAFT_TOKENS]),
         "num_accepted_tokens": accepted,
         "output_tokens": spec_tokens,
@@ -188,6 +211,8 @@ def run(cfg: Config, medusa_dir: str | None = None) -> dict[str, Any]:
         "outputs_identical": not errors,
         "errors": errors,
     }
+    if compared:
+        results["compared"] = compared
     if errors:
         log.error("%d of %d outputs differ from plain greedy decoding", len(errors), len(prompts))
     if cfg.eval.heldout:

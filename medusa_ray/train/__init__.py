@@ -76,7 +76,9 @@ def run(cfg: Config) -> TrainResult:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "total_steps": total_steps, "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(use_gpu)),
+        # SPREAD: one worker per node where possible, so workers don't contend for one node's GPUs and bus.
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(use_gpu),
+                                     placement_strategy="SPREAD" if t.num_workers > 1 else "PACK"),
         run_config=RunConfig(
             name=t.run_name,
             storage_path=t.storage_path,
