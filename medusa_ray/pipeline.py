@@ -106,7 +106,19 @@ def _distill(cfg: Config, work: Path) -> int:
     summary = distill.run(cfg)
     rows = _count_rows(cfg.distill.output_dir)
     marker.write_text(json.dumps({**asdict(summary), "rows_out_total": rows}, default=str, indent=2))
+    _track_distill(cfg, {**asdict(summary), "rows_out_total": rows})
     return rows
+
+
+def _track_distill(cfg: Config, summary: dict[str, Any]) -> None:
+    """Distill's numbers go to the same tracked runs as training's, under ``distill/``."""
+    if not cfg.train.tracking:
+        return
+    from medusa_ray.tracking import open_tracker
+    from medusa_ray.train import run_dir
+
+    with open_tracker(cfg, run_dir(cfg)) as tracker:
+        tracker.log_summary(summary, prefix="distill/")
 
 
 def _count_rows(directory: str) -> int:

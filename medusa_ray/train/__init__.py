@@ -22,7 +22,7 @@ from medusa_ray.train.checkpoints import find_latest_checkpoint, read_meta
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "run", "find_latest_checkpoint"]
+__all__ = ["TrainResult", "run", "run_dir", "find_latest_checkpoint"]
 
 
 @dataclass
@@ -121,6 +121,11 @@ def _resolve_paths(cfg: Config) -> Config:
     if cfg.train.deepspeed_config:
         cfg.train.deepspeed_config = str(Path(cfg.train.deepspeed_config).expanduser().resolve())
     return cfg
+
+
+def run_dir(cfg: Config) -> Path:
+    """The run's local directory (tracker logs, metrics.jsonl, the loss plot), for callers outside train."""
+    return _run_dir(_resolve_paths(cfg))
 
 
 def _run_dir(cfg: Config) -> Path:
