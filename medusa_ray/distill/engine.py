@@ -124,6 +124,14 @@ def _engine_kwargs(cfg: Config) -> dict[str, Any]:
     return dict(cfg.distill.engine_kwargs)
 
 
+def _with_cpu_defaults(kwargs: dict[str, Any], accelerator: str) -> dict[str, Any]:
+    """On CPU vLLM reads gpu_memory_utilization as a share of *system* RAM: its 0.9 default would take the
+    machine, so a CPU replica gets a tenth unless the user chose otherwise."""
+    if accelerator == "cpu":
+        return {"gpu_memory_utilization": 0.1, **kwargs}
+    return kwargs
+
+
 def app_name(cfg: Config) -> str:
     """Named after everything that shapes the engine, so a running app is only reused when it is the same."""
     d = cfg.distill
@@ -167,7 +175,11 @@ def _deployment_config(cfg: Config, name: str) -> dict[str, Any]:
     lo = d.min_replicas if d.min_replicas is not None else 1
     hi = d.max_replicas if d.max_replicas is not None else max(lo, d.num_replicas)
     initial = min(max(d.num_replicas, lo, 1), hi)
-    return {"name": name, "autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": initial}}
+    # vLLM batches continuously, so a replica is only "busy" with many requests in flight: scale on a queue
+    # of about one Ray Data batch per replica rather than Serve's default of 2 ongoing requests.
+    autoscaling = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": initial,
+                   "target_ongoing_requests": d.batch_size}
+    return {"name": name, "autoscaling_config": autoscaling}
 
 
 def _app_running(name: str) -> bool:
@@ -201,7 +213,7 @@ def serve_deployment(cfg: Config) -> Iterator[str]:
         model_loading_config={"model_id": cfg.model, "model_source": cfg.model},
         accelerator_config={"kind": accelerator},
         deployment_config=_deployment_config(cfg, _deployment_name(name)),
-        engine_kwargs=_engine_kwargs(cfg),
+        engine_kwargs=_with_cpu_defaults(_engine_kwargs(cfg), accelerator),
     )
     app = build_llm_deployment(llm_config, override_serve_options={"name": _deployment_name(name)})
     log.info("starting Serve app %s: vLLM on %s for %s", name, accelerator, cfg.model)
