@@ -18,11 +18,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+from medusa_ray.data import read_conversations
 from medusa_ray.train import find_latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CONVERSATIONS = 40
-HELD_BACK = 8
+EVAL_PROMPTS = 8
 
 
 def _config(tmp_path: Path, model: Path, address: str) -> Path:
@@ -36,10 +37,10 @@ def _config(tmp_path: Path, model: Path, address: str) -> Path:
         "distill": {"input": str(prompts), "output_dir": str(tmp_path / "distilled"), "max_tokens": 48,
                     "shard_size": 16, "engine_kwargs": engine},
         "train": {"medusa_num_heads": 3, "num_workers": 2, "zero_stage": 2, "batch_size": 8, "lr": 0.003,
-                  "warmup_steps": 2, "max_steps": 40, "checkpoint_every": 10, "max_length": 192,
+                  "warmup_steps": 2, "max_steps": 20, "checkpoint_every": 5, "max_length": 192,
                   "storage_path": str(tmp_path / "ray_results"), "run_name": "pipe", "tracking": []},
         "export": {"output_dir": str(tmp_path / "export")},
-        "eval": {"num_prompts": HELD_BACK, "max_tokens": 48, "engine_kwargs": engine},
+        "eval": {"num_prompts": EVAL_PROMPTS, "max_tokens": 32, "engine_kwargs": engine},
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -70,7 +71,7 @@ def test_pipeline_killed_in_training_resumes_and_finishes(tiny_model, ray_sessio
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     killed_at = json.loads((find_latest_checkpoint(str(storage), "pipe") / "medusa_meta.json").read_text())
-    assert 10 <= killed_at["global_step"] < 40
+    assert 5 <= killed_at["global_step"] < 20
     shards = {p: p.stat().st_mtime_ns for p in distilled.glob("*.parquet")}
     assert shards, "distillation wrote nothing before training started"
 
@@ -83,15 +84,19 @@ def test_pipeline_killed_in_training_resumes_and_finishes(tiny_model, ray_sessio
     assert {p: p.stat().st_mtime_ns for p in distilled.glob("*.parquet")} == shards
     summary = json.loads((distilled / "_pipeline" / "pipeline_summary.json").read_text())
     # Every distilled prompt is a training row, or recorded as an error (e.g. truncated) and never trained on.
+    # The prompts' distinct conversations minus the held-back ones were distilled.
+    distinct = len(read_conversations(tmp_path / "prompts.jsonl").conversations)
+    held_back = len((distilled / "_pipeline" / "heldout_prompts.jsonl").read_text().splitlines())
+    assert held_back == min(EVAL_PROMPTS, distinct // 5)
     errors = sum(pq.ParquetFile(p).metadata.num_rows for p in (distilled / "errors").glob("*.parquet"))
-    assert summary["rows_distilled"] + errors == NUM_CONVERSATIONS - HELD_BACK
-    assert summary["rows_distilled"] >= NUM_CONVERSATIONS - HELD_BACK - 2
+    assert summary["rows_distilled"] + errors == distinct - held_back
+    assert summary["rows_distilled"] >= distinct - held_back - 2
 
     # Training resumed from the killed run's checkpoint and reached the requested step.
     assert summary["train_resumed_from"] >= killed_at["global_step"]
-    assert summary["train_steps"] == 40
+    assert summary["train_steps"] == 20
     final = find_latest_checkpoint(str(storage), "pipe")
-    assert json.loads((final / "medusa_meta.json").read_text())["global_step"] == 40
+    assert json.loads((final / "medusa_meta.json").read_text())["global_step"] == 20
 
     # The export loaded in vLLM as a Medusa drafter: it drafted, never changed greedy outputs, and trained
     # heads got more tokens accepted than the same heads before training.

@@ -39,12 +39,16 @@ def find_latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
     if not run_dir.is_dir():
         return None
     snapshot = run_dir / _RAY_SNAPSHOT
-    registered = snapshot.read_text() if snapshot.is_file() else None
+    if not snapshot.is_file():
+        # Ray Train resumes only from checkpoints it registered; a run killed while uploading its first
+        # checkpoint has a directory but nothing to resume from.
+        return None
+    registered = snapshot.read_text()
     best: tuple[int, Path] | None = None
     for d in run_dir.glob("checkpoint_*"):
         if not (d / META_FILE).is_file() or not (d / DEEPSPEED_DIR / "latest").is_file():
             continue
-        if registered is not None and d.name not in registered:
+        if d.name not in registered:
             continue
         try:
             step = int(read_meta(d)["global_step"])

@@ -38,6 +38,25 @@ class Progress:
     truncated: int = 0
 
 
+
+# Each epoch of a Ray Data shard starts a new streaming execution (seconds of fixed cost). A shard this
+# small is cheaper to keep in memory than to stream again.
+_REPLAY_MAX_ROWS = 50_000
+
+
+_TOO_BIG = object()
+
+
+def _recording(batches, recorded: list, batch_size: int):
+    """Yield ``batches``, appending them to ``recorded``; past _REPLAY_MAX_ROWS it holds just ``_TOO_BIG``."""
+    for batch in batches:
+        if not recorded or recorded[-1] is not _TOO_BIG:
+            if len(recorded) * batch_size < _REPLAY_MAX_ROWS:
+                recorded.append(batch)
+            else:
+                recorded[:] = [_TOO_BIG]
+        yield batch
+
 def build_models(cfg: Config, device, dtype):
     """The frozen base (every parameter requires_grad=False) and fresh heads initialised from its lm_head."""
     import torch
@@ -207,8 +226,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         dist.all_reduce(x)
         return x.tolist()
 
+    replay: list | None = None  # a small shard's epoch, kept to replay instead of re-running Ray Data
     while progress.step < total_steps and (t.max_steps is not None or progress.epoch < t.epochs):
-        batches = iter(shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", prefetch_batches=2))
+        if replay is not None:
+            batches = iter(replay)
+        else:
+            recorded: list = []
+            batches = _recording(shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
+                                                    prefetch_batches=2), recorded, t.batch_size)
         # Resume inside an epoch: skip what the checkpointed run already trained on.
         for _ in range(progress.batches_in_epoch):
             if next(batches, None) is None:
@@ -263,6 +288,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError("the training data yielded no batches")
         progress.epoch += 1
         progress.batches_in_epoch = 0
+        if replay is None and recorded and recorded[-1] is not _TOO_BIG:
+            replay = recorded  # the data is not shuffled, so every epoch yields the same batches
 
     if progress.step > 0 and last_ckpt != progress.step:
         # Data ran out before the estimated step count: the final state still gets its checkpoint.
