@@ -33,11 +33,11 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        cfg = cli._config_from_args(args)
+        cfg = cli.config_from_args(args)
         if cfg.ray.address is None:
             cfg.ray.address = "auto"
         _join(cfg, init_ray)
-        cli._run_stage(args, cfg)
+        cli.run_stage(args, cfg)
     except UserError as exc:
         print(f"jobs/{stage}.py: error: {exc}", file=sys.stderr)
         return 2

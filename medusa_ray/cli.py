@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config a parsed command line describes: file, then flags and overrides (the jobs/ share it)."""
     overrides = list(args.overrides)
     for dest, key in _FLAG_KEYS.get(args.command, {}).items():
         value = getattr(args, dest, None)
@@ -97,7 +98,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def _run_stage(args: argparse.Namespace, cfg: Config) -> None:
+def run_stage(args: argparse.Namespace, cfg: Config) -> None:
     if args.command == "distill":
         from medusa_ray import distill
 
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             path = make_tiny_model(args.out_dir, pretrain_steps=args.pretrain_steps, seed=args.seed)
             print(f"tiny model written to {path}")
             return 0
-        cfg = _config_from_args(args)
-        _run_stage(args, cfg)
+        cfg = config_from_args(args)
+        run_stage(args, cfg)
         return 0
     except UserError as exc:
         print(f"medusa-ray {args.command}: error: {exc}", file=sys.stderr)
