@@ -119,6 +119,8 @@ def test_incompatible_rerun_and_bad_inputs_fail_before_ray(random_tiny_model, di
     meta = {"format": checkpoints.META_FORMAT, "global_step": 4, "medusa_num_heads": 5, "medusa_num_layers": 1,
             "share_lm_head": False, "hidden_size": 128, "vocab_size": 1024, "zero_stage": 2, "world_size": 2}
     (run_dir / checkpoints.META_FILE).write_text(json.dumps(meta))
+    # Registered with Ray Train, as a real run's checkpoint is (an unregistered one is never resumed).
+    (run_dir.parent / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoints": [run_dir.name]}))
     with pytest.raises(UserError, match="medusa_num_heads=5"):
         run(_cfg(random_tiny_model, distilled, tmp_path, "old"))
     with pytest.raises(UserError, match="no \\*.parquet"):
