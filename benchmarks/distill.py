@@ -97,7 +97,8 @@ def main() -> None:
     prompts = _prompts(model, args.num_prompts)
 
     if args.bare_only:
-        print(json.dumps(_bare(model, prompts, args.max_tokens, engine_kwargs)))
+        # vLLM keeps logging to stdout while it shuts down: tag our line so the parent can find it.
+        print("BARE_RESULT " + json.dumps(_bare(model, prompts, args.max_tokens, engine_kwargs)), flush=True)
         return
 
     child = subprocess.run(
@@ -105,7 +106,10 @@ def main() -> None:
          "--max-tokens", str(args.max_tokens), "--engine-kwargs", json.dumps(engine_kwargs)],
         capture_output=True, text=True, check=True,
     )
-    bare = json.loads(child.stdout.strip().splitlines()[-1])
+    tagged = [line for line in child.stdout.splitlines() if line.startswith("BARE_RESULT ")]
+    if not tagged:
+        raise SystemExit(f"bare vLLM run printed no result:\n{child.stdout[-2000:]}\n{child.stderr[-2000:]}")
+    bare = json.loads(tagged[-1].removeprefix("BARE_RESULT "))
     pipe = _pipeline(model, prompts, args, engine_kwargs)
 
     def tps(r: dict) -> float:
