@@ -188,7 +188,6 @@ def run(cfg: Config, medusa_dir: str | None = None, compare: dict[str, str] | No
         compared[name] = _acceptance(other_counters, k)
         compared[name]["outputs_identical"] = not _compare(base_out, other_out)
 
-    drafts = int(counters[_DRAFTS])
     accepted = int(counters[_ACCEPTED])
     errors = _compare(base_out, spec_out)
     base_tokens = sum(len(o) for o in base_out)
