@@ -7,6 +7,7 @@ only (no lm_head, no logits) under ``no_grad`` to produce the last hidden state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -173,22 +174,128 @@ def forward_backward(engine, decoder, batch, cfg: Config, device):
     return stats, int(mask.sum()), lr
 
 
+class Collectives:
+    """Sums and agreements across ranks, computed on ``device``.
+
+    Every tensor that enters a collective lives on the device the process group serves: NCCL (Ray Train's
+    backend on GPUs) refuses CPU tensors with "No backend type associated with device type cpu".
+    """
+
+    def __init__(self, device):
+        self.device = device
+
+    def sum(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        x = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(x)
+        return x.cpu().tolist()
+
+    def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank (ranks stop an epoch together)."""
+        import torch
+        import torch.distributed as dist
+
+        x = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+        return bool(x.cpu().item())
+
+
+class Session:
+    """What the loop needs from its surroundings; Ray Train's in ``train_loop``, a plain one without Ray."""
+
+    rank: int = 0
+    world: int = 1
+    device: Any = None
+
+    def resume_dir(self):
+        """A context manager yielding the directory of the checkpoint to resume from, or None."""
+        return contextlib.nullcontext(None)
+
+    def batches(self, batch_size: int):
+        """One epoch of this rank's rows, as dicts of numpy columns."""
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        """Publish ``metrics``; with ``checkpoint_dir`` (every rank's files merged), register a checkpoint."""
+        raise NotImplementedError
+
+
+class RaySession(Session):
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._shard = ray.train.get_dataset_shard("train")
+
+    def resume_dir(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
+
+    def batches(self, batch_size: int):
+        return self._shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
+
+    def report(self, metrics, checkpoint_dir, step):
+        import ray.train
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                         checkpoint_dir_name=checkpoints.checkpoint_dir_name(step))
+
+
+class LocalSession(Session):
+    """One process, no Ray: rows from memory, checkpoints into ``checkpoint_root`` (benchmarks, GPU smoke test).
+
+    Needs a process group already (``torch.distributed.init_process_group``), as DeepSpeed does.
+    """
+
+    def __init__(self, rows: dict[str, Any], device, checkpoint_root: Path):
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = device
+        self._rows = rows
+        self.checkpoint_root = Path(checkpoint_root)
+        self.checkpoints: list[Path] = []
+
+    def batches(self, batch_size: int):
+        n = len(next(iter(self._rows.values())))
+        mine = list(range(self.rank, n, self.world))
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start:start + batch_size]
+            yield {k: v[idx] for k, v in self._rows.items()}
+
+    def report(self, metrics, checkpoint_dir, step):
+        if checkpoint_dir is None:
+            return
+        target = self.checkpoint_root / checkpoints.checkpoint_dir_name(step)
+        shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+        if target not in self.checkpoints:
+            self.checkpoints.append(target)
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train ``train_loop_per_worker``."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
+    return run_loop(Config.model_validate(config["cfg"]), RaySession(), config["total_steps"], Path(config["run_dir"]))
 
-    cfg = Config.model_validate(config["cfg"])
+
+def run_loop(cfg: Config, session: Session, total_steps: int, run_dir: Path) -> dict[str, Any]:
+    """Train the heads for ``total_steps`` optimizer steps (or until the epochs run out) on ``session``'s rows."""
+    import torch
+
     t = cfg.train
-    total_steps: int = config["total_steps"]
-    run_dir = Path(config["run_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
+    collectives = Collectives(device)
 
     base, heads = build_models(cfg, device, dtype)
     decoder = decoder_of(base)
@@ -198,9 +305,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
     progress = Progress()
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
+    with session.resume_dir() as d:
+        resumed = d is not None
+        if resumed:
             load_path, client = engine.load_checkpoint(str(Path(d) / checkpoints.DEEPSPEED_DIR))
             if load_path is None:
                 raise RuntimeError(f"could not load the DeepSpeed checkpoint in {d}")
@@ -208,23 +315,17 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     resumed_from = progress.step
 
     tracker = _open_tracker(cfg, run_dir) if rank == 0 else None
-    if tracker is not None and resumed is None:
+    if tracker is not None and not resumed:
         tracker.log_params({"world_size": world, "total_steps": total_steps, "zero_stage": zero_stage,
                             "trainable_params": trainable})
     bar = _progress_bar(total_steps, progress.step) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
     pad_id = _pad_id(base)
 
     acc = torch.zeros(t.medusa_num_heads, 2 + t.topk, dtype=torch.float64)
     acc_tokens = acc_rows = acc_trunc = 0
-    last_ckpt = progress.step if resumed is not None else -1
+    last_ckpt = progress.step if resumed else -1
     metrics: dict[str, Any] = {}
     window_start = time.perf_counter()
-
-    def sync_sum(values: list[float]) -> list[float]:
-        x = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(x)
-        return x.tolist()
 
     replay: list | None = None  # a small shard's epoch, kept to replay instead of re-running Ray Data
     while progress.step < total_steps and (t.max_steps is not None or progress.epoch < t.epochs):
@@ -232,8 +333,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             batches = iter(replay)
         else:
             recorded: list = []
-            batches = _recording(shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
-                                                    prefetch_batches=2), recorded, t.batch_size)
+            batches = _recording(session.batches(t.batch_size), recorded, t.batch_size)
         # Resume inside an epoch: skip what the checkpointed run already trained on.
         for _ in range(progress.batches_in_epoch):
             if next(batches, None) is None:
@@ -242,9 +342,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         while progress.step < total_steps:
             batch = next(batches, None)
             # Every rank must take the same number of steps (collectives); stop the epoch together.
-            have = torch.tensor([0 if batch is None else 1])
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if not int(have):
+            if not collectives.all_true(batch is not None):
                 break
             consumed_any = True
             batch = tokenize_batch(batch, cfg.model, t.max_length)
@@ -259,7 +357,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
             # An optimizer step happened.
             progress.step = engine.global_steps
-            summed = sync_sum(acc.flatten().tolist() + [acc_tokens, acc_rows, acc_trunc])
+            summed = collectives.sum(acc.flatten().tolist() + [acc_tokens, acc_rows, acc_trunc])
             elapsed = time.perf_counter() - window_start
             stats_all = torch.tensor(summed[:-3], dtype=torch.float64).view_as(acc)
             progress.tokens += int(summed[-3])
@@ -277,10 +375,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
             save = progress.step % t.checkpoint_every == 0 or progress.step >= total_steps
             if save:
-                _report_with_checkpoint(engine, cfg, progress, metrics, rank, world, zero_stage, base)
+                _report_with_checkpoint(session, engine, cfg, progress, metrics, zero_stage, base)
                 last_ckpt = progress.step
             elif progress.step % t.log_every == 0:
-                ray.train.report(metrics)
+                session.report(metrics, None, progress.step)
             window_start = time.perf_counter()
         if progress.step >= total_steps:
             break
@@ -293,7 +391,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     if progress.step > 0 and last_ckpt != progress.step:
         # Data ran out before the estimated step count: the final state still gets its checkpoint.
-        _report_with_checkpoint(engine, cfg, progress, metrics, rank, world, zero_stage, base)
+        _report_with_checkpoint(session, engine, cfg, progress, metrics, zero_stage, base)
     if bar is not None:
         bar.close()
     if tracker is not None:
@@ -302,10 +400,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     return {"resumed_from": resumed_from, "progress": asdict(progress), "metrics": metrics}
 
 
-def _report_with_checkpoint(engine, cfg: Config, progress: Progress, metrics, rank, world, zero_stage, base) -> None:
+def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Progress, metrics, zero_stage, base
+                            ) -> None:
     """Every rank writes its DeepSpeed shard; Ray Train merges the ranks' directories into one checkpoint."""
-    import ray.train
-
+    rank, world = session.rank, session.world
     tmp = Path(tempfile.mkdtemp(prefix=f"medusa-ckpt-r{rank}-"))
     try:
         ds_dir = tmp / checkpoints.DEEPSPEED_DIR
@@ -331,11 +429,7 @@ def _report_with_checkpoint(engine, cfg: Config, progress: Progress, metrics, ra
                 "base_architectures": list(getattr(base.config, "architectures", None) or []),
             }
             (tmp / checkpoints.META_FILE).write_text(json.dumps(meta, indent=2))
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-            checkpoint_dir_name=checkpoints.checkpoint_dir_name(progress.step),
-        )
+        session.report(metrics, tmp, progress.step)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
