@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from medusa_ray.config import RayConfig
 
@@ -37,3 +38,103 @@ def init_ray(cfg: RayConfig) -> None:
         # `ray start` last left running on this machine.
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=store, runtime_env=runtime_env,
                  include_dashboard=False)
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray): stage results record where they ran."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - where we ran is information, never a failure
+        return None
+
+
+def run_task(fn, *args, name: str, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
+    """Run ``fn(*args, **kwargs)`` as a Ray task with these resources when Ray is up, else in this process.
+
+    The driver of a job lives on the head node, which offers no CPUs and no GPU and has little memory: heavy
+    work (export's consolidation, eval's vLLM engines) goes to a worker node this way. A ``UserError`` raised
+    in the task is raised here as itself, so the CLI still prints one line.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return fn(*args, **kwargs)
+    from medusa_ray.errors import UserError
+
+    remote = ray.remote(fn).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+    try:
+        return ray.get(remote.remote(*args, **kwargs))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, UserError):
+            raise exc.cause from None
+        raise
+
+
+def autoscaler_node_types() -> list[dict[str, float]] | None:
+    """Resources of every node type the cluster's autoscaler can add.
+
+    Read from the cluster config an autoscaler publishes in the GCS (autoscaler v2), or from the cluster
+    launcher's config on the head node (``~/ray_bootstrap_config.yaml``, where job drivers run). None when the
+    cluster has no autoscaler that can add nodes (a fixed cluster: what it has now is all it will have).
+    Raises ``LookupError`` when an autoscaler manages named node types we cannot read (autoscaler v1 on KubeRay).
+    """
+    import json
+
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    config = state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
+    bootstrap = Path("~/ray_bootstrap_config.yaml").expanduser()
+    if bootstrap.is_file():
+        import yaml
+
+        launcher = yaml.safe_load(bootstrap.read_text()) or {}
+        return [dict(t.get("resources") or {}) for t in (launcher.get("available_node_types") or {}).values()
+                if t.get("max_workers", 1) != 0]
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) if _internal_kv_initialized() else None
+    if status:
+        mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+        # A fixed cluster's monitor names every node's type after the node itself.
+        if any(node_type != format_readonly_node_type(node) for node, node_type in mapping.items()):
+            raise LookupError("its autoscaler does not publish which node types it can add")
+    return None
+
+
+def resolve_accelerator(setting: str, key: str) -> str:
+    """``gpu`` or ``cpu`` for a ``auto|gpu|cpu`` setting.
+
+    ``auto`` means what the cluster can have, not what it has this second: a GPU pool scaled to zero reports no
+    GPUs, yet asking for one makes the autoscaler add a node. So ``auto`` is ``gpu`` when the cluster has GPUs
+    or its autoscaler can add a node type with GPUs; when an autoscaler runs whose node types can't be read, it
+    refuses in one line rather than fall to CPU silently.
+    """
+    if setting in ("gpu", "cpu"):
+        return setting
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return "gpu"
+    from medusa_ray.errors import UserError
+
+    try:
+        node_types = autoscaler_node_types()
+    except LookupError as exc:
+        raise UserError(f"{key}=auto: the cluster has no GPU now and {exc}; set {key} explicitly "
+                        "(gpu or cpu)") from None
+    if node_types and any(resources.get("GPU", 0) > 0 for resources in node_types):
+        return "gpu"
+    return "cpu"
+
+
+def torch_backend(use_gpu: bool) -> str:
+    """The process group Ray Train builds: NCCL for GPU workers, gloo otherwise. A torch without NCCL (the
+    CPU build, as on Ray nodes that declare logical GPUs without hardware) trains on CPU over gloo."""
+    import torch.distributed as dist
+
+    return "nccl" if use_gpu and dist.is_nccl_available() else "gloo"

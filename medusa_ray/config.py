@@ -69,7 +69,7 @@ class DistillConfig(_Section):
     max_replicas: Optional[int] = Field(None, ge=1)
     """Autoscaling upper bound."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    """Where vLLM runs; ``auto`` picks GPU when the cluster has one."""
+    """Where vLLM runs; ``auto``: GPU when the cluster has GPUs or its autoscaler can add them."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to the vLLM engine (e.g. ``max_model_len``, ``tensor_parallel_size``)."""
     batch_size: int = Field(16, ge=1)
@@ -112,7 +112,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1)
     """Ray Train workers (one per GPU on GPU nodes)."""
     use_gpu: Literal["auto", True, False] = "auto"
-    """Train on GPUs; ``auto`` uses them when the cluster has any."""
+    """Train on GPUs; ``auto``: when the cluster has GPUs or its autoscaler can add them."""
     zero_stage: int = Field(2, ge=0, le=3)
     """DeepSpeed ZeRO stage."""
     batch_size: int = Field(8, ge=1)
@@ -187,6 +187,8 @@ class EvalConfig(_Section):
     """Write a PNG of acceptance per position (and per-head accuracy) here."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to both vLLM engines."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where the vLLM engines run; ``auto``: GPU when the cluster has GPUs or its autoscaler can add them."""
     compare_untrained: bool = True
     """In ``pipeline``: also measure heads of the same shape before training, to show what training bought."""
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medusa_ray.cluster import init_ray
+from medusa_ray.cluster import init_ray, node_id
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
 
@@ -30,6 +30,8 @@ class PipelineSummary:
     speedup: float | None
     outputs_identical: bool | None
     export_dir: str
+    nodes: dict[str, list[str]] = field(default_factory=dict)
+    """Ray node ids each stage's work ran on, and the driver's (``driver``)."""
 
     def table(self) -> str:
         def fmt(v: Any) -> str:
@@ -95,19 +97,21 @@ def _with(cfg: Config, changes: dict[str, dict[str, Any]]) -> Config:
     return Config.model_validate(tree)
 
 
-def _distill(cfg: Config, work: Path) -> int:
+def _distill(cfg: Config, work: Path) -> tuple[int, list[str]]:
+    """Rows distilled, and the nodes the vLLM replicas ran on."""
     from medusa_ray import distill
 
     marker = work / "distill_done.json"
     if marker.exists():
-        rows = json.loads(marker.read_text())["rows_out_total"]
+        done = json.loads(marker.read_text())
+        rows = done["rows_out_total"]
         log.info("distill: already complete (%d rows in %s), skipping", rows, cfg.distill.output_dir)
-        return rows
+        return rows, list(done.get("nodes") or [])
     summary = distill.run(cfg)
     rows = _count_rows(cfg.distill.output_dir)
     marker.write_text(json.dumps({**asdict(summary), "rows_out_total": rows}, default=str, indent=2))
-    _track_distill(cfg, {**asdict(summary), "rows_out_total": rows})
-    return rows
+    _track_distill(cfg, {k: v for k, v in asdict(summary).items() if k != "nodes"} | {"rows_out_total": rows})
+    return rows, summary.nodes
 
 
 def _track_distill(cfg: Config, summary: dict[str, Any]) -> None:
@@ -115,10 +119,12 @@ def _track_distill(cfg: Config, summary: dict[str, Any]) -> None:
     if not cfg.train.tracking:
         return
     from medusa_ray.tracking import open_tracker
-    from medusa_ray.train import run_dir
+    from medusa_ray.train import run_files, run_location
 
-    with open_tracker(cfg, run_dir(cfg)) as tracker:
+    location = run_location(cfg)
+    with open_tracker(cfg, str(run_files.pull(location))) as tracker:
         tracker.log_summary(summary, prefix="distill/")
+    run_files.push(location)
 
 
 def _count_rows(directory: str) -> int:
@@ -127,24 +133,10 @@ def _count_rows(directory: str) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in Path(directory).glob("*.parquet"))
 
 
-def _untrained_heads(export_dir: Path, out: Path) -> Path:
-    """Heads of the export's shape as training starts them (each one a copy of the base lm_head)."""
-    from safetensors.torch import load_file, save_file
+def _export_node(export_dir: Path) -> str | None:
+    from medusa_ray.export import read_marker
 
-    from medusa_ray.export.writer import WEIGHTS_FILE, base_lm_head
-    from medusa_ray.model.heads import MedusaHeads
-
-    config = json.loads((export_dir / "config.json").read_text())
-    trained = load_file(export_dir / WEIGHTS_FILE)
-    heads = MedusaHeads(config["medusa_num_heads"], config["medusa_num_layers"],
-                        base_lm_head(config["base_model_name_or_path"]))
-    dtype = next(iter(trained.values())).dtype
-    tensors = {k: v.to(dtype).contiguous() for k, v in heads.state_dict().items()}
-    assert tensors.keys() == trained.keys(), "untrained heads must have the export's layout"
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_FILE))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    return (read_marker(export_dir) or {}).get("node_id")
 
 
 def run(cfg: Config) -> PipelineSummary:
@@ -155,15 +147,13 @@ def run(cfg: Config) -> PipelineSummary:
     if cfg.eval.prompts is None:
         cfg = _split_heldout(cfg, work)
 
-    rows = _distill(cfg, work)
+    rows, distill_nodes = _distill(cfg, work)
     if rows == 0:
         raise UserError(f"distillation produced no training rows in {cfg.distill.output_dir}; "
                         f"see {cfg.distill.output_dir}/errors")
     result = train.run(cfg)
     export_dir = export.run(cfg, checkpoint=str(result.checkpoint))
-    compare = {"untrained": str(_untrained_heads(export_dir, work / "untrained_heads"))} \
-        if cfg.eval.compare_untrained else None
-    results = evaluate.run(cfg, medusa_dir=str(export_dir), compare=compare)
+    results = evaluate.run(cfg, medusa_dir=str(export_dir), compare_untrained=cfg.eval.compare_untrained)
     untrained = results.get("compared", {}).get("untrained")
 
     k = cfg.train.medusa_num_heads
@@ -177,6 +167,8 @@ def run(cfg: Config) -> PipelineSummary:
         speedup=results.get("speedup"),
         outputs_identical=results.get("outputs_identical"),
         export_dir=str(export_dir),
+        nodes={"driver": [node_id()], "distill": distill_nodes, "train": result.nodes,
+               "export": [_export_node(export_dir)], "eval": [results.get("node_id")]},
     )
     (work / "pipeline_summary.json").write_text(json.dumps(asdict(summary), indent=2))
     print("\n" + summary.table())

@@ -236,8 +236,8 @@ def test_ray_job_submit_runs_the_tiny_pipeline(tiny_model, tmp_path):
     from medusa_ray.train import find_latest_checkpoint
 
     checkpoint = find_latest_checkpoint(str(out / "ray_results"), "job")
-    assert checkpoint is not None and (checkpoint / "medusa_meta.json").is_file()
-    assert json.loads((checkpoint / "medusa_meta.json").read_text())["global_step"] == 3
+    assert checkpoint is not None and (Path(checkpoint) / "medusa_meta.json").is_file()
+    assert json.loads((Path(checkpoint) / "medusa_meta.json").read_text())["global_step"] == 3
     export = out / "export"
     assert (export / "medusa_lm_head.safetensors").is_file()
     assert json.loads((export / "config.json").read_text())["medusa_num_heads"] == 3

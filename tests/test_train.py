@@ -41,6 +41,22 @@ def write_distill_parquet(out_dir: Path, n: int = 256, seed: int = 7, shards: in
     return out_dir
 
 
+def register_checkpoints(run_dir: Path, names: list[str]) -> None:
+    """Write Ray Train's record of a run's checkpoints, in Ray's own schema (what ``Result.from_path`` reads)."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    results = [_TrainingResultState(checkpoint_dir_name=n, metrics={}) for n in names]
+    state = _CheckpointManagerState(
+        checkpoint_results=results, checkpoint_report_indices=list(range(len(names))),
+        latest_checkpoint_result=results[-1], pending_training_results=[], pending_validation_specs=[],
+        current_report_index=len(names), validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[], failed_validation_checkpoint_dir_names=[])
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(state.model_dump_json())
+
+
 @pytest.fixture(scope="session")
 def distilled(tmp_path_factory) -> Path:
     return write_distill_parquet(tmp_path_factory.mktemp("distill") / "out")
@@ -74,7 +90,7 @@ def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, rand
     assert meta["config"]["train"]["run_name"] == "fault"
     # 20 steps x 2 workers x 4 rows, counted across the restart (the lost steps 6-7 are not double counted).
     assert meta["data"]["rows"] == 20 * 2 * 4 and meta["data"]["tokens"] > 0
-    ds_dir = result.checkpoint / "deepspeed"
+    ds_dir = Path(result.checkpoint) / "deepspeed"
     assert (ds_dir / "latest").read_text().strip() == "global_step20"
     assert {p.name for p in (ds_dir / "global_step20").iterdir()} >= {
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
@@ -90,7 +106,7 @@ def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, rand
         assert last[f"medusa{k}_loss"] < 0.8 * first[f"medusa{k}_loss"], (k, first, last)
     assert last["tokens_per_s"] > 0 and last["lr"] > 0
     assert result.metrics["step"] == 20
-    assert result.plot is not None and result.plot.stat().st_size > 0
+    assert result.plot is not None and Path(result.plot).stat().st_size > 0
 
 
 def test_stopped_run_continues_when_rerun_zero3(ray_session, random_tiny_model, distilled, tmp_path):
@@ -108,7 +124,7 @@ def test_stopped_run_continues_when_rerun_zero3(ray_session, random_tiny_model, 
     meta = checkpoints.read_meta(result.checkpoint)
     assert meta["zero_stage"] == 3 and meta["data"]["rows"] == 8 * 2 * 4
     # ZeRO-3 partitions the heads themselves: each rank wrote its own parameter shard.
-    files = {p.name for p in (result.checkpoint / "deepspeed" / "global_step8").iterdir()}
+    files = {p.name for p in (Path(result.checkpoint) / "deepspeed" / "global_step8").iterdir()}
     assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
 
 
@@ -120,7 +136,7 @@ def test_incompatible_rerun_and_bad_inputs_fail_before_ray(random_tiny_model, di
             "share_lm_head": False, "hidden_size": 128, "vocab_size": 1024, "zero_stage": 2, "world_size": 2}
     (run_dir / checkpoints.META_FILE).write_text(json.dumps(meta))
     # Registered with Ray Train, as a real run's checkpoint is (an unregistered one is never resumed).
-    (run_dir.parent / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoints": [run_dir.name]}))
+    register_checkpoints(run_dir.parent, [run_dir.name])
     with pytest.raises(UserError, match="medusa_num_heads=5"):
         run(_cfg(random_tiny_model, distilled, tmp_path, "old"))
     with pytest.raises(UserError, match="no \\*.parquet"):

@@ -53,6 +53,8 @@ class DistillSummary:
     startup_s: float
     shards: int
     output_dir: str
+    nodes: list[str] = field(default_factory=list)
+    """Ray node ids of the vLLM replicas that generated (empty for an endpoint)."""
 
     def table(self) -> str:
         rows = [
@@ -225,6 +227,9 @@ def run(cfg: Config) -> DistillSummary:
     d = cfg.distill
     if not d.input:
         raise UserError("distill.input is not set (prompts file or directory)")
+    if "://" in d.output_dir:
+        raise UserError(f"distill.output_dir={d.output_dir}: must be a local or shared-filesystem path (shards are "
+                        "renamed into place when complete, which object storage cannot do atomically)")
     read = read_conversations(d.input, d.format, d.limit)
     for bad in read.invalid:
         log.warning("invalid input %s: %s", bad.source, bad.reason)
@@ -252,11 +257,13 @@ def run(cfg: Config) -> DistillSummary:
 
     state = _Run(cfg, writer)
     startup_s = elapsed = 0.0
+    nodes: list[str] = []
     if pending:
         init_ray(cfg.ray)
         t0 = time.perf_counter()
         with open_engine(cfg) as engine:
             startup_s = time.perf_counter() - t0
+            nodes = engine.replica_nodes()
             log.info("distilling %d conversations through %s", len(pending), engine.description)
             t1 = time.perf_counter()
             wave_size = d.shard_size * _WAVE_SHARDS
@@ -284,6 +291,7 @@ def run(cfg: Config) -> DistillSummary:
         startup_s=startup_s,
         shards=writer.shards_written,
         output_dir=str(out),
+        nodes=nodes,
     )
     print(summary.table(), flush=True)
     return summary

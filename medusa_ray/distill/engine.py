@@ -41,6 +41,20 @@ class Engine:
     started: bool = False
     """Whether this run started the deployment (and so tears it down) or reused a running one."""
 
+    def replica_nodes(self) -> list[str]:
+        """Ray node ids of the Serve replicas hosting vLLM (none for an endpoint)."""
+        if not self.app_name:
+            return []
+        try:
+            from ray.serve.context import _get_global_client
+
+            details = _get_global_client().get_serve_details()
+            deployments = details["applications"][self.app_name]["deployments"].values()
+            return sorted({r["node_id"] for d in deployments for r in d.get("replicas", []) if r.get("node_id")})
+        except Exception as exc:  # noqa: BLE001 - where replicas ran is information, never a failure
+            log.debug("could not list Serve replicas: %s", exc)
+            return []
+
     @property
     def description(self) -> str:
         if self.url:
@@ -161,11 +175,9 @@ def _check_model(cfg: Config) -> None:
 
 
 def _accelerator(cfg: Config) -> str:
-    if cfg.distill.accelerator != "auto":
-        return cfg.distill.accelerator
-    import ray
+    from medusa_ray.cluster import resolve_accelerator
 
-    return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return resolve_accelerator(cfg.distill.accelerator, "distill.accelerator")
 
 
 def _deployment_config(cfg: Config, name: str) -> dict[str, Any]:

@@ -155,22 +155,50 @@ def _print_table(results: dict[str, Any]) -> None:
             print(f"{head:<8}" + "".join(f"  {a:6.3f}" for a in accs))
 
 
-def run(cfg: Config, medusa_dir: str | None = None, compare: dict[str, str] | None = None) -> dict[str, Any]:
+def run(cfg: Config, medusa_dir: str | None = None, compare_untrained: bool = False) -> dict[str, Any]:
     """Decode ``eval.prompts`` with and without the Medusa heads in ``medusa_dir`` (default ``export.output_dir``).
 
-    ``compare`` maps a name to another heads directory of the same shape (e.g. the heads before training); each
-    gets its own speculative run against the same plain-decoding baseline, reported under ``compared``.
+    With ``compare_untrained``, heads of the same shape as training starts them (each a copy of the base
+    ``lm_head``) get their own speculative run against the same baseline, reported under ``compared``.
+    Both vLLM engines run in one Ray task on a worker node when Ray is up (a GPU when the cluster has or can
+    add one), never in the job driver on the head.
     """
+    from medusa_ray.cluster import resolve_accelerator, run_task
+
     medusa_path = Path(medusa_dir or cfg.export.output_dir).expanduser().resolve()
     config = _medusa_config(medusa_path)
     heads = int(config["medusa_num_heads"])
     k = cfg.eval.num_speculative_tokens or heads
     if k > heads:
         raise UserError(f"eval.num_speculative_tokens={k} but {medusa_path} has only {heads} heads")
-    # --model wins; otherwise the base the heads were exported for.
-    base = cfg.model if "model" in cfg.model_fields_set else config.get("base_model_name_or_path") or cfg.model
     if not cfg.eval.prompts:
         raise UserError("eval.prompts is not set: pass --prompts FILE")
+    import ray
+
+    gpus = 0
+    if ray.is_initialized() and resolve_accelerator(cfg.eval.accelerator, "eval.accelerator") == "gpu":
+        engine = cfg.eval.engine_kwargs
+        gpus = int(engine.get("tensor_parallel_size", 1)) * int(engine.get("pipeline_parallel_size", 1))
+    results = run_task(measure, cfg.to_dict(), str(medusa_path), compare_untrained, name="medusa-ray-eval",
+                       num_cpus=1, num_gpus=gpus)
+    if results["errors"]:
+        log.error("%d of %d outputs differ from plain greedy decoding", len(results["errors"]), results["num_prompts"])
+    _print_table(results)
+    return results
+
+
+def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool) -> dict[str, Any]:
+    """Both engines, the comparison, per-head accuracy and the plot; results saved where configured."""
+    import tempfile
+
+    from medusa_ray.cluster import node_id
+
+    cfg = Config.model_validate(cfg_dict)
+    medusa_path = Path(medusa_dir)
+    config = _medusa_config(medusa_path)
+    k = cfg.eval.num_speculative_tokens or int(config["medusa_num_heads"])
+    # --model wins; otherwise the base the heads were exported for.
+    base = cfg.model if "model" in cfg.model_fields_set else config.get("base_model_name_or_path") or cfg.model
     prompts = load_prompts(cfg.eval.prompts, cfg.eval.num_prompts)
 
     kwargs = _engine_kwargs(cfg)
@@ -181,12 +209,14 @@ def run(cfg: Config, medusa_dir: str | None = None, compare: dict[str, str] | No
     spec_out, spec_time, counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, speculative)
 
     compared = {}
-    for name, other in (compare or {}).items():
-        log.info("decoding %d prompts with Medusa heads %r (%s)", len(prompts), name, other)
-        other_spec = {**speculative, "model": str(Path(other).resolve())}
-        other_out, _, other_counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, other_spec)
-        compared[name] = _acceptance(other_counters, k)
-        compared[name]["outputs_identical"] = not _compare(base_out, other_out)
+    if compare_untrained:
+        with tempfile.TemporaryDirectory(prefix="medusa-untrained-") as tmp:
+            other = untrained_heads(medusa_path, Path(tmp))
+            log.info("decoding %d prompts with untrained Medusa heads", len(prompts))
+            other_out, _, other_counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs,
+                                                       {**speculative, "model": str(other)})
+        compared["untrained"] = _acceptance(other_counters, k)
+        compared["untrained"]["outputs_identical"] = not _compare(base_out, other_out)
 
     accepted = int(counters[_ACCEPTED])
     errors = _compare(base_out, spec_out)
@@ -209,11 +239,10 @@ def run(cfg: Config, medusa_dir: str | None = None, compare: dict[str, str] | No
         "speedup": tps_medusa / tps_base if tps_base else 0.0,
         "outputs_identical": not errors,
         "errors": errors,
+        "node_id": node_id(),
     }
     if compared:
         results["compared"] = compared
-    if errors:
-        log.error("%d of %d outputs differ from plain greedy decoding", len(errors), len(prompts))
     if cfg.eval.heldout:
         from medusa_ray.evaluate.accuracy import head_accuracy
 
@@ -224,8 +253,28 @@ def run(cfg: Config, medusa_dir: str | None = None, compare: dict[str, str] | No
 
         results["plot"] = str(plot_results(results, cfg.eval.plot))
     _save(results, medusa_path, cfg.eval.output_json)
-    _print_table(results)
     return results
+
+
+def untrained_heads(export_dir: Path, out: Path) -> Path:
+    """Heads of the export's shape as training starts them (each one a copy of the base lm_head)."""
+    from safetensors.torch import load_file, save_file
+
+    from medusa_ray.export.writer import WEIGHTS_FILE, base_lm_head
+    from medusa_ray.model.heads import MedusaHeads
+
+    config = json.loads((export_dir / "config.json").read_text())
+    trained = load_file(export_dir / WEIGHTS_FILE)
+    heads = MedusaHeads(config["medusa_num_heads"], config["medusa_num_layers"],
+                        base_lm_head(config["base_model_name_or_path"]))
+    dtype = next(iter(trained.values())).dtype
+    tensors = {k: v.to(dtype).contiguous() for k, v in heads.state_dict().items()}
+    if tensors.keys() != trained.keys():
+        raise UserError(f"{export_dir}: heads are not in the layout untrained heads are built in")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 def _save(results: dict[str, Any], medusa_path: Path, output_json: str | None) -> None:

@@ -52,7 +52,8 @@ def _checkpoint_path(cfg: Config, checkpoint: str | None) -> str:
     if found is None:
         raise UserError(f"no checkpoint found for run {cfg.train.run_name!r} under {cfg.train.storage_path}; "
                         "train first or pass --checkpoint")
-    return str(found) if is_remote(str(found)) else str(Path(found).resolve())
+    log.info("exporting the latest checkpoint of run %r: %s", cfg.train.run_name, found)
+    return found if is_remote(found) else str(Path(found).resolve())
 
 
 def _check_output(out: Path, source: dict, overwrite: bool) -> bool:
@@ -93,32 +94,29 @@ def _print_summary(out: Path, marker: dict, hub_url: str | None, reused: bool) -
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
+def output_dir(cfg: Config) -> Path:
+    """``export.output_dir`` as an absolute local path; object storage is refused in one line."""
+    if is_remote(cfg.export.output_dir):
+        raise UserError(f"export.output_dir={cfg.export.output_dir}: must be a local or shared-filesystem path "
+                        "(vLLM and TGI load the export from a directory); push it with export.push_to_hub")
+    return Path(cfg.export.output_dir).expanduser().resolve()
+
+
 def run(cfg: Config, checkpoint: str | None = None) -> Path:
-    """Export the heads of ``checkpoint`` (default: the latest of ``train.run_name``) to ``export.output_dir``."""
+    """Export the heads of ``checkpoint`` (default: the best of ``train.run_name``) to ``export.output_dir``.
+
+    Consolidation runs as a Ray task on a worker node when Ray is up (the job driver's head node has no memory
+    to spare); the push and the summary happen here.
+    """
+    from medusa_ray.cluster import run_task
+
     ckpt_path = _checkpoint_path(cfg, checkpoint)
-    out = Path(cfg.export.output_dir).expanduser().resolve()
-    with local_checkpoint(ckpt_path) as ckpt:
-        meta = read_meta(ckpt)
-        source = {"checkpoint": ckpt_path, "global_step": int(meta["global_step"])}
-        reused = _check_output(out, source, cfg.export.overwrite)
-        if not reused:
-            base_name, base_cfg = resolve_base([meta["base_model"], cfg.model])
-            check_base(meta, base_name, base_cfg)
-            log.info("consolidating %s (ZeRO-%s, %s worker(s))", ckpt, meta["zero_stage"], meta["world_size"])
-            state_dict = consolidate(ckpt, meta)
-            check_heads(state_dict, meta, ckpt)
-            dtype = base_dtype(base_cfg)
-            tensors = head_tensors(state_dict, meta, base_name, dtype)
-            marker = {
-                "format": EXPORT_FORMAT,
-                "source": source,
-                "base_model": base_name,
-                "dtype": str(dtype).removeprefix("torch."),
-                "location": cfg.export.push_to_hub or str(out),
-                "meta": meta,
-            }
-            write_export(out, tensors, medusa_config(meta, base_name), marker, base_name)
+    out = output_dir(cfg)
+    reused = run_task(write, cfg.to_dict(), ckpt_path, str(out), name="medusa-ray-export", num_cpus=1)
     marker = read_marker(out)
+    if marker is None:
+        raise UserError(f"export output {out} was written on a node whose filesystem this process does not see; "
+                        "put export.output_dir on storage every node shares")
     hub_url = None
     if cfg.export.push_to_hub:
         if marker.get("location") != cfg.export.push_to_hub:
@@ -129,3 +127,34 @@ def run(cfg: Config, checkpoint: str | None = None) -> Path:
         hub_url = push_to_hub(out, cfg.export.push_to_hub, private=cfg.export.private)
     _print_summary(out, marker, hub_url, reused)
     return out
+
+
+def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
+    """Consolidate ``ckpt_path`` into ``out_dir``; False when ``out_dir`` already holds exactly this export."""
+    from medusa_ray.cluster import node_id
+
+    cfg = Config.model_validate(cfg_dict)
+    out = Path(out_dir)
+    with local_checkpoint(ckpt_path) as ckpt:
+        meta = read_meta(ckpt)
+        source = {"checkpoint": ckpt_path, "global_step": int(meta["global_step"])}
+        if _check_output(out, source, cfg.export.overwrite):
+            return True
+        base_name, base_cfg = resolve_base([meta["base_model"], cfg.model])
+        check_base(meta, base_name, base_cfg)
+        log.info("consolidating %s (ZeRO-%s, %s worker(s))", ckpt, meta["zero_stage"], meta["world_size"])
+        state_dict = consolidate(ckpt, meta)
+        check_heads(state_dict, meta, ckpt)
+        dtype = base_dtype(base_cfg)
+        tensors = head_tensors(state_dict, meta, base_name, dtype)
+        marker = {
+            "format": EXPORT_FORMAT,
+            "source": source,
+            "base_model": base_name,
+            "dtype": str(dtype).removeprefix("torch."),
+            "location": cfg.export.push_to_hub or str(out),
+            "node_id": node_id(),
+            "meta": meta,
+        }
+        write_export(out, tensors, medusa_config(meta, base_name), marker, base_name)
+    return False

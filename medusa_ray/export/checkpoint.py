@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medusa_ray.errors import UserError
-from medusa_ray.train.checkpoints import DEEPSPEED_DIR, META_FILE, META_FORMAT
+from medusa_ray.train.checkpoints import DEEPSPEED_DIR, META_FILE, META_FORMAT, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +29,11 @@ _META_KEYS = ("base_model", "medusa_num_heads", "medusa_num_layers", "share_lm_h
 _HEAD_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
 
-def is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def find_latest(storage_path: str, run_name: str) -> Path | None:
-    """The newest complete checkpoint of a run, as the train stage defines it."""
+def find_latest(storage_path: str, run_name: str) -> str | None:
+    """The newest checkpoint Ray Train registered for a run (a local path or URI), as the train stage defines it."""
     from medusa_ray.train.checkpoints import find_latest_checkpoint
 
-    found = find_latest_checkpoint(storage_path, run_name)
-    return Path(found) if found is not None else None
+    return find_latest_checkpoint(storage_path, run_name)
 
 
 @contextlib.contextmanager

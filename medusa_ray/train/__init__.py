@@ -18,23 +18,28 @@ from typing import Any
 
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
-from medusa_ray.train.checkpoints import find_latest_checkpoint, read_meta
+from medusa_ray.train import run_files
+from medusa_ray.train.checkpoints import find_latest_checkpoint, join, run_checkpoints, worker_nodes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "run", "run_dir", "find_latest_checkpoint"]
+__all__ = ["TrainResult", "run", "run_location", "find_latest_checkpoint"]
 
 
 @dataclass
 class TrainResult:
-    checkpoint: Path
+    checkpoint: str
+    """The final checkpoint: a local path, or a URI on object storage."""
     global_step: int
     metrics: dict[str, Any]
     resumed_from: int = 0
     """Global step the last training attempt started from (0: from scratch)."""
-    run_dir: Path | None = None
-    plot: Path | None = None
+    run_dir: str | None = None
+    """``<storage_path>/<run_name>``: checkpoints, tracker logs, metrics.jsonl, plots."""
+    plot: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
+    """Ray node ids the training workers ran on."""
 
 
 def run(cfg: Config) -> TrainResult:
@@ -50,14 +55,14 @@ def run(cfg: Config) -> TrainResult:
     hidden_size, vocab_size = _base_dims(cfg.model)
     if t.deepspeed_config:
         _check_deepspeed_json(t.deepspeed_config)
-    run_dir = _run_dir(cfg)
+    location = run_files.run_location(t.storage_path, t.run_name)
     _check_resumable(cfg, hidden_size, vocab_size)
 
     init_ray(cfg.ray)
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from medusa_ray.train.worker import train_loop
 
@@ -70,12 +75,15 @@ def run(cfg: Config) -> TrainResult:
     # tasks would each pay for importing transformers.
     ds = ray.data.read_parquet(files, columns=[c for c in READ_COLUMNS if c in columns])
 
-    use_gpu = t.use_gpu if t.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+    from medusa_ray.cluster import resolve_accelerator, torch_backend
+
+    use_gpu = t.use_gpu if t.use_gpu != "auto" else resolve_accelerator("auto", "train.use_gpu") == "gpu"
     log.info("training %d heads on %d rows for %d steps with %d worker(s), ZeRO %d", t.medusa_num_heads, rows,
              total_steps, t.num_workers, t.zero_stage)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "total_steps": total_steps, "run_dir": str(run_dir)},
+        train_loop_config={"cfg": cfg.to_dict(), "total_steps": total_steps, "run_dir": location},
+        torch_config=TorchConfig(backend=torch_backend(bool(use_gpu))),
         # SPREAD: one worker per node where possible, so workers don't contend for one node's GPUs and bus.
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(use_gpu),
                                      placement_strategy="SPREAD" if t.num_workers > 1 else "PACK"),
@@ -98,16 +106,19 @@ def run(cfg: Config) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {t.storage_path}/{t.run_name}")
 
-    checkpoint = Path(result.checkpoint.path)
-    meta = read_meta(checkpoint) if (checkpoint / "medusa_meta.json").is_file() else {}
+    latest = run_checkpoints(t.storage_path, t.run_name)[-1:]
+    if not latest:
+        raise RuntimeError(f"training finished but Ray Train registered no checkpoint in {location}")
+    checkpoint, meta = latest[0].uri, latest[0].meta
     out = result.return_value or {}
     metrics = out.get("metrics") or meta.get("metrics") or dict(result.metrics or {})
     global_step = int(meta.get("global_step", metrics.get("step", 0)))
-    plot = _plot(run_dir)
+    plot = out.get("plot")
     _print_summary(metrics, t.medusa_num_heads, t.head_decay, t.topk, global_step, checkpoint)
     return TrainResult(checkpoint=checkpoint, global_step=global_step, metrics=metrics,
-                       resumed_from=int(out.get("resumed_from", global_step)), run_dir=run_dir, plot=plot,
-                       data=meta.get("data", {}))
+                       resumed_from=int(out.get("resumed_from", global_step)), run_dir=location,
+                       plot=join(location, Path(plot).name) if plot else None,
+                       data=meta.get("data", {}), nodes=worker_nodes(checkpoint))
 
 
 def _resolve_paths(cfg: Config) -> Config:
@@ -123,17 +134,10 @@ def _resolve_paths(cfg: Config) -> Config:
     return cfg
 
 
-def run_dir(cfg: Config) -> Path:
-    """The run's local directory (tracker logs, metrics.jsonl, the loss plot), for callers outside train."""
-    return _run_dir(_resolve_paths(cfg))
-
-
-def _run_dir(cfg: Config) -> Path:
-    """The run's local directory (tracker logs, metrics.jsonl, the loss plot)."""
-    t = cfg.train
-    if "://" in t.storage_path:
-        return Path("outputs/runs").resolve() / t.run_name
-    return Path(t.storage_path) / t.run_name
+def run_location(cfg: Config) -> str:
+    """``<train.storage_path>/<train.run_name>`` (a path or URI): checkpoints, tracker logs, metrics, plots."""
+    cfg = _resolve_paths(cfg)
+    return run_files.run_location(cfg.train.storage_path, cfg.train.run_name)
 
 
 def _columns(files: list[str]) -> set[str]:
@@ -181,12 +185,10 @@ def _check_deepspeed_json(path: str) -> None:
 def _check_resumable(cfg: Config, hidden_size: int, vocab_size: int) -> None:
     """A re-run resumes the run's latest checkpoint; refuse one that cannot fit this config."""
     t = cfg.train
-    if "://" in t.storage_path:
+    found = run_checkpoints(t.storage_path, t.run_name)
+    if not found:
         return
-    latest = find_latest_checkpoint(t.storage_path, t.run_name)
-    if latest is None:
-        return
-    meta = read_meta(latest)
+    latest, meta = found[-1].uri, found[-1].meta
     expected = {
         "medusa_num_heads": t.medusa_num_heads,
         "medusa_num_layers": t.medusa_num_layers,
@@ -197,31 +199,22 @@ def _check_resumable(cfg: Config, hidden_size: int, vocab_size: int) -> None:
     for key, value in expected.items():
         if meta.get(key) != value:
             raise UserError(
-                f"run {t.run_name!r} in {t.storage_path} has a checkpoint ({latest.name}) with {key}={meta.get(key)!r} "
+                f"run {t.run_name!r} in {t.storage_path} has a checkpoint ({_name(latest)}) with {key}={meta.get(key)!r} "
                 f"but this config gives {value!r}; use another train.run_name to start a new run"
             )
     if meta.get("zero_stage", 0) > 0 and meta.get("world_size") != t.num_workers:
         raise UserError(
-            f"run {t.run_name!r}: checkpoint {latest.name} was written by {meta.get('world_size')} workers with ZeRO "
+            f"run {t.run_name!r}: checkpoint {_name(latest)} was written by {meta.get('world_size')} workers with ZeRO "
             f"stage {meta.get('zero_stage')}; resume with train.num_workers={meta.get('world_size')}"
         )
-    log.info("resuming run %r from %s (step %s)", t.run_name, latest, meta.get("global_step"))
+    print(f"resuming run {t.run_name!r} from step {meta.get('global_step')} ({latest})", flush=True)
 
 
-def _plot(run_dir: Path) -> Path | None:
-    from medusa_ray.train.plots import plot_head_losses
-
-    metrics_file = run_dir / "metrics.jsonl"
-    if not metrics_file.is_file():
-        return None
-    try:
-        return plot_head_losses(metrics_file, run_dir / "head_losses.png")
-    except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
-        log.warning("could not plot head losses: %s", exc)
-        return None
+def _name(checkpoint: str) -> str:
+    return checkpoint.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _print_summary(metrics: dict[str, Any], num_heads: int, decay: float, topk: int, step: int, ckpt: Path) -> None:
+def _print_summary(metrics: dict[str, Any], num_heads: int, decay: float, topk: int, step: int, ckpt: str) -> None:
     tops = [f"top{i}" for i in range(1, topk + 1)]
     lines = [f"{'head':>4}  {'predicts':>8}  {'weight':>6}  {'loss':>7}  " + "  ".join(f"{c:>6}" for c in tops)]
     for k in range(num_heads):

@@ -24,7 +24,7 @@ from medusa_ray.train.data import collate, tokenize_batch
 
 log = logging.getLogger(__name__)
 
-FAIL_MARKER = ".fail_at_step_{step}.done"
+FAIL_MARKER = ".fail_at_step_{step}.done"  # run_files.FAIL_MARKER_PREFIX
 
 
 @dataclass
@@ -284,12 +284,17 @@ class LocalSession(Session):
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train ``train_loop_per_worker``."""
-    return run_loop(Config.model_validate(config["cfg"]), RaySession(), config["total_steps"], Path(config["run_dir"]))
+    return run_loop(Config.model_validate(config["cfg"]), RaySession(), config["total_steps"], config["run_dir"])
 
 
-def run_loop(cfg: Config, session: Session, total_steps: int, run_dir: Path) -> dict[str, Any]:
-    """Train the heads for ``total_steps`` optimizer steps (or until the epochs run out) on ``session``'s rows."""
+def run_loop(cfg: Config, session: Session, total_steps: int, location: str) -> dict[str, Any]:
+    """Train the heads for ``total_steps`` optimizer steps (or until the epochs run out) on ``session``'s rows.
+
+    ``location`` is the run's directory in its storage (a path or URI); rank 0 keeps the run's files there.
+    """
     import torch
+
+    from medusa_ray.train import run_files
 
     t = cfg.train
     rank, world, device = session.rank, session.world, session.device
@@ -314,6 +319,7 @@ def run_loop(cfg: Config, session: Session, total_steps: int, run_dir: Path) -> 
             progress = Progress(**client["medusa_ray"])
     resumed_from = progress.step
 
+    run_dir = run_files.pull(location) if rank == 0 else run_files.local_dir(location)
     tracker = _open_tracker(cfg, run_dir) if rank == 0 else None
     if tracker is not None and not resumed:
         tracker.log_params({"world_size": world, "total_steps": total_steps, "zero_stage": zero_stage,
@@ -377,6 +383,8 @@ def run_loop(cfg: Config, session: Session, total_steps: int, run_dir: Path) -> 
             if save:
                 _report_with_checkpoint(session, engine, cfg, progress, metrics, zero_stage, base)
                 last_ckpt = progress.step
+                if rank == 0:
+                    run_files.push(location)
             elif progress.step % t.log_every == 0:
                 session.report(metrics, None, progress.step)
             window_start = time.perf_counter()
@@ -397,7 +405,11 @@ def run_loop(cfg: Config, session: Session, total_steps: int, run_dir: Path) -> 
     if tracker is not None:
         tracker.log_summary({**metrics, "rows": progress.rows, "tokens": progress.tokens, "truncated": progress.truncated})
         tracker.close()
-    return {"resumed_from": resumed_from, "progress": asdict(progress), "metrics": metrics}
+    plot = _plot(run_dir) if rank == 0 else None
+    if rank == 0:
+        run_files.push(location)
+    return {"resumed_from": resumed_from, "progress": asdict(progress), "metrics": metrics,
+            "plot": str(plot) if plot else None}
 
 
 def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Progress, metrics, zero_stage, base
@@ -409,6 +421,9 @@ def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Pro
         ds_dir = tmp / checkpoints.DEEPSPEED_DIR
         ds_dir.mkdir()  # DeepSpeed creates it on rank 0 only, assuming a shared filesystem
         engine.save_checkpoint(str(ds_dir), tag=f"global_step{progress.step}", client_state={"medusa_ray": asdict(progress)})
+        (tmp / checkpoints.WORKERS_DIR).mkdir()
+        (tmp / checkpoints.WORKERS_DIR / f"rank-{rank:05d}.json").write_text(json.dumps(
+            {"rank": rank, "node_id": _node_id(), "device": str(session.device)}))
         if rank == 0:
             heads = engine.module
             meta = {
@@ -432,6 +447,19 @@ def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Pro
         session.report(metrics, tmp, progress.step)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plot(run_dir: Path) -> Path | None:
+    from medusa_ray.train.plots import plot_head_losses
+
+    metrics_file = run_dir / "metrics.jsonl"
+    if not metrics_file.is_file():
+        return None
+    try:
+        return plot_head_losses(metrics_file, run_dir / "head_losses.png")
+    except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
+        log.warning("could not plot head losses: %s", exc)
+        return None
 
 
 def _fail_once(run_dir: Path, step: int) -> None:
@@ -479,6 +507,12 @@ def _progress_bar(total: int, initial: int):
     if initial:
         bar.update(initial)  # a resumed run starts where its checkpoint left off
     return bar
+
+
+def _node_id() -> str | None:
+    from medusa_ray.cluster import node_id
+
+    return node_id()
 
 
 def _pad_id(base) -> int:
