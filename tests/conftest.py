@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+S3_BUCKET = "medusa-test"
 
 # Pretrained just long enough that greedy outputs are structured (counting, alphabets...), which is
 # what makes trained Medusa heads measurably better than untrained ones.
@@ -52,3 +58,41 @@ def ray_session():
     except Exception:
         pass
     ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory):
+    """A moto S3 server on loopback with one bucket; yields the environment a client needs to reach it."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}")
+                time.sleep(0.3)
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        import pyarrow.fs
+
+        pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme="http", access_key="testing",
+                                secret_key="testing", region="us-east-1",
+                                allow_bucket_creation=True).create_dir(S3_BUCKET)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

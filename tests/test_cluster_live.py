@@ -108,141 +108,207 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class _Head:
-    """`ray start --head --block` with ports and a temp dir of its own; stopped by signalling that process."""
+class _Cluster:
+    """A head (`ray start --head --block`) plus worker nodes (`ray start --address`), each with its own ports and
+    its own temp dir, tagged so every process they spawn can be found; stopped by signalling those processes.
 
-    def __init__(self, num_cpus: int = 8):
-        self.num_cpus = num_cpus
+    Each node gets its own ``--temp-dir``, as separate machines have separate disks. Nodes sharing one session
+    directory on one machine also share ``runtime_resources/``, where each node's runtime-env agent unpacks and
+    garbage-collects ``working_dir`` packages: one node deletes a package the other node's workers import from
+    (the import failures a two-node ``--working-dir`` job on one machine dies of).
+    """
+
+    def __init__(self, head_cpus: int = 0, env: dict | None = None):
         from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
 
+        self.head_cpus = head_cpus
         self.marker = uuid.uuid4().hex
         # Ray 2.60 clusters require a token; this one has its own, handed to the cluster (and so to job
         # drivers) through the environment, and to the client as a header.
         self.token = generate_new_authentication_token()
-        self.temp_dir = _short_tmp("mrj")
-        self.log = open(self.temp_dir / "ray_start.log", "w")
+        self.root = _short_tmp("mrj")
+        self.env = dict(os.environ, MEDUSA_RAY_TEST_CLUSTER=self.marker, RAY_AUTH_MODE="token",
+                        RAY_AUTH_TOKEN=self.token, **(env or {}))
+        self.env.pop("RAY_ADDRESS", None)
+        self.env.pop("RAY_AUTH_TOKEN_PATH", None)
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list = []
         self.attempts = 0
-        self._launch()
+        self._launch_head()
 
-    def _launch(self) -> None:
-        self.attempts += 1
-        gcs, dash, client, nm, om, metrics, agent_http, agent_grpc, renv = _free_ports(9)
-        self.dashboard = f"http://127.0.0.1:{dash}"
-        env = dict(os.environ, RAY_TMPDIR=str(self.temp_dir), MEDUSA_RAY_TEST_CLUSTER=self.marker,
-                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
-        env.pop("RAY_ADDRESS", None)
-        env.pop("RAY_AUTH_TOKEN_PATH", None)
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        temp = self.root / name
+        temp.mkdir(exist_ok=True)
+        log = open(self.root / f"{name}.log", "a")
+        self.logs.append(log)
+        nm, om, metrics, agent_http, agent_grpc, renv = _free_ports(6)
         cmd = [
-            RAY, "start", "--head", "--block", "--disable-usage-stats",
-            f"--temp-dir={self.temp_dir}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
-            "--object-store-memory=500000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+            RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1",
             f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--metrics-export-port={metrics}",
             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--runtime-env-agent-port={renv}", "--min-worker-port=0", "--max-worker-port=0",
+            "--object-store-memory=500000000", *args,
         ]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, env=dict(self.env, RAY_TMPDIR=str(temp)), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        self.procs.append(proc)
+        return proc
 
-    def client(self, timeout: float = 180):
+    def _launch_head(self) -> None:
+        self.attempts += 1
+        self.gcs, dash, client = _free_ports(3)
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        self.head = self._start("head", [
+            "--head", f"--num-cpus={self.head_cpus}", "--num-gpus=0", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--port={self.gcs}", f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}"])
+
+    def add_worker(self, num_cpus: int, num_gpus: int = 0) -> None:
+        self._start(f"worker{len(self.procs)}", [f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={num_cpus}",
+                                                  f"--num-gpus={num_gpus}"])
+
+    def client(self, nodes: int, timeout: float = 180):
+        """The Jobs API client, once the dashboard answers and ``nodes`` nodes are alive."""
         from ray.job_submission import JobSubmissionClient
 
         deadline = time.monotonic() + timeout
         while True:
-            if self.proc.poll() is not None:
+            if self.head.poll() is not None:
                 # Ray gives the raylet 30 s to register; a machine shared with other test runs can miss
                 # that. One fresh attempt, then it is a real failure.
                 if self.attempts < 2:
                     _reap(self.marker, timeout=30)
-                    self._launch()
+                    self.procs.remove(self.head)
+                    self._launch_head()
                     continue
-                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self._log_tail()}")
+                raise RuntimeError(f"ray start exited {self.head.returncode}:\n{self._log_tail()}")
             try:
                 client = JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
                 client.list_jobs()
-                return client
+                if self._alive_nodes() >= nodes:
+                    return client
             except Exception:  # noqa: BLE001 - dashboard not up yet
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"dashboard {self.dashboard} never came up:\n{self._log_tail()}")
-                time.sleep(1)
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster never came up with {nodes} nodes:\n{self._log_tail()}")
+            time.sleep(1)
+
+    def _alive_nodes(self) -> int:
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.dashboard}/nodes?view=summary",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            summary = json.load(resp)["data"]["summary"]
+        return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
 
     def _log_tail(self) -> str:
-        self.log.flush()
-        return (self.temp_dir / "ray_start.log").read_text()[-3000:]
+        tails = []
+        for log in self.logs:
+            log.flush()
+            tails.append(Path(log.name).read_text()[-1500:])
+        return "\n---\n".join(tails)
 
     def stop(self) -> list[int]:
         """Stop this cluster only; return the pids that outlived it (killed, but a failure)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        for proc in reversed(self.procs):  # workers first, then the head
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
         left = _reap(self.marker, timeout=30)
-        self.log.close()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for log in self.logs:
+            log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
         return left
 
 
-def test_ray_job_submit_runs_the_tiny_pipeline(tiny_model, tmp_path):
-    from ray.job_submission import JobStatus
-
-    out = tmp_path / "run"
-    config = {
+def _pipeline_config(tiny_model: Path, out: Path, storage: str) -> dict:
+    engine = {"max_model_len": 256, "enforce_eager": True, "gpu_memory_utilization": 0.1}
+    return {
         "model": str(tiny_model),
         "distill": {
             "input": str(REPO / "examples" / "demo_prompts.jsonl"), "output_dir": str(out / "distill"),
-            "limit": 24, "max_tokens": 64, "batch_size": 8,
-            "engine_kwargs": {"max_model_len": 256, "enforce_eager": True, "gpu_memory_utilization": 0.1},
+            "limit": 24, "max_tokens": 64, "batch_size": 8, "engine_kwargs": engine,
         },
         "train": {
             "num_workers": 1, "zero_stage": 0, "batch_size": 4, "max_steps": 3, "max_length": 128,
-            "warmup_steps": 0, "checkpoint_every": 3, "storage_path": str(out / "ray_results"),
-            "run_name": "job", "tracking": [],
+            "warmup_steps": 0, "checkpoint_every": 3, "storage_path": storage, "run_name": "job",
+            "tracking": ["tensorboard"],
         },
         "export": {"output_dir": str(out / "export")},
-        "eval": {
-            "num_prompts": 4, "max_tokens": 16, "compare_untrained": False, "output_json": str(out / "eval.json"),
-            "engine_kwargs": {"max_model_len": 256, "enforce_eager": True, "gpu_memory_utilization": 0.1},
-        },
+        "eval": {"num_prompts": 4, "max_tokens": 16, "compare_untrained": False,
+                 "output_json": str(out / "eval.json"), "engine_kwargs": engine},
     }
+
+
+@pytest.mark.parametrize("worker_gpus", [0, 1], ids=["cpu-worker", "logical-gpu-worker"])
+def test_ray_job_submit_on_a_head_that_runs_nothing(worker_gpus, tiny_model, tmp_path, request, monkeypatch):
+    """The shape we ship: a head with no CPUs and no GPU, one worker node, the tiny pipeline submitted with
+    ``ray job submit --working-dir``. No vLLM engine and no stage may run on the head. The logical-GPU worker
+    (``--num-gpus=1`` without hardware) makes every GPU-requesting path be scheduled for real: the Serve replica,
+    the training worker and the eval task each claim the GPU, and inside fall back to CPU (no CUDA). That run
+    keeps its checkpoints in S3 (a local S3 server), so the pipeline's object-storage path runs here too."""
+    from ray.job_submission import JobStatus
+
+    out = tmp_path / "run"
+    env = {}
+    storage = str(out / "ray_results")
+    if worker_gpus:
+        env = request.getfixturevalue("s3_env")
+        storage = "s3://medusa-test/cluster-runs"
     config_path = tmp_path / "pipeline.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path.write_text(yaml.safe_dump(_pipeline_config(tiny_model, out, storage)))
     runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     runtime_env["working_dir"] = str(REPO)
 
-    head = _Head()
+    cluster = _Cluster(head_cpus=0, env=env)
     try:
-        client = head.client()
+        cluster.add_worker(num_cpus=8, num_gpus=worker_gpus)
+        client = cluster.client(nodes=2)
         job_id = client.submit_job(
             # The cluster's interpreter; on a real cluster this is plain `python`.
             entrypoint=f"{sys.executable} jobs/pipeline.py --config {config_path}",
             runtime_env=runtime_env,
         )
-        deadline = time.monotonic() + 420
+        deadline = time.monotonic() + 480
         status = client.get_job_status(job_id)
         while not status.is_terminal() and time.monotonic() < deadline:
             time.sleep(2)
             status = client.get_job_status(job_id)
         logs = client.get_job_logs(job_id)
-        assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}:\n{logs[-4000:]}"
+        head_node = client.get_job_info(job_id).driver_node_id
+        assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}:\n{logs[-6000:]}"
         # It joined the submitted-to cluster rather than starting its own.
         assert "starting a local Ray cluster" not in logs
     finally:
-        left = head.stop()
+        left = cluster.stop()
     assert left == [], f"processes outlived the cluster (killed now): {left}"
+
+    summary = json.loads((out / "distill" / "_pipeline" / "pipeline_summary.json").read_text())
+    nodes = summary["nodes"]
+    assert nodes["driver"] == [head_node]
+    for stage in ("distill", "train", "export", "eval"):
+        assert nodes[stage] and None not in nodes[stage], (stage, nodes)
+        assert head_node not in nodes[stage], f"{stage} ran on the head: {nodes}"
 
     assert sorted((out / "distill").glob("*.parquet")), "no distilled shards"
     from medusa_ray.train import find_latest_checkpoint
+    from medusa_ray.train.checkpoints import read_meta
 
-    checkpoint = find_latest_checkpoint(str(out / "ray_results"), "job")
-    assert checkpoint is not None and (Path(checkpoint) / "medusa_meta.json").is_file()
-    assert json.loads((Path(checkpoint) / "medusa_meta.json").read_text())["global_step"] == 3
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # read the bucket the way the cluster did
+    checkpoint = find_latest_checkpoint(storage, "job")
+    assert checkpoint is not None and checkpoint.startswith(storage)
+    assert read_meta(checkpoint)["global_step"] == 3
     export = out / "export"
     assert (export / "medusa_lm_head.safetensors").is_file()
     assert json.loads((export / "config.json").read_text())["medusa_num_heads"] == 3
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["num_drafts"] > 0 and evaluation["acceptance_length"] >= 1.0
+    assert evaluation["outputs_identical"] is True
 
 
 # --- training on a 2-node cluster ------------------------------------------------------------------------
@@ -314,3 +380,56 @@ def test_training_workers_spread_over_two_nodes(random_tiny_model, tmp_path):
     # Two workers (one per rank; a restarted group would show up as more), on two different nodes.
     assert sorted(set(result["worker_nodes"])) == ["a", "b"], result
     assert left == [], f"processes outlived the cluster (killed now): {left}"
+
+
+# --- accelerator "auto": what the cluster can have, not what it has this second ------------------------------
+
+_AUTO_DRIVER = textwrap.dedent(
+    """
+    import json
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    from medusa_ray.cluster import resolve_accelerator
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    seen = {"fixed cluster, no GPU": resolve_accelerator("auto", "train.use_gpu")}
+
+    def publish(groups):
+        # What an autoscaler (v2) publishes to the GCS: the node groups it can start.
+        config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+            autoscaler_pb2.NodeGroupConfig(name=name, resources=res, min_count=0, max_count=n)
+            for name, res, n in groups])
+        ray._private.worker.global_worker.gcs_client.report_cluster_config(config.SerializeToString())
+
+    publish([("cpu", {"CPU": 8}, 4)])
+    seen["autoscaler with CPU node types only"] = resolve_accelerator("auto", "train.use_gpu")
+    publish([("cpu", {"CPU": 8}, 4), ("gpu", {"CPU": 8, "GPU": 1}, 2)])
+    seen["GPU pool scaled to zero"] = resolve_accelerator("auto", "train.use_gpu")
+    seen["explicit cpu"] = resolve_accelerator("cpu", "train.use_gpu")
+    print("RESULT " + json.dumps(seen), flush=True)
+    ray.shutdown()
+    """
+)
+
+
+def test_auto_accelerator_counts_gpus_the_autoscaler_can_add(tmp_path):
+    temp = _short_tmp("mra")
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, RAY_TMPDIR=str(temp), MEDUSA_RAY_TEST_CLUSTER=marker)
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _AUTO_DRIVER], env=env, capture_output=True, text=True,
+                              timeout=180, cwd=tmp_path, preexec_fn=_die_with_parent)
+    finally:
+        left = _reap(marker, timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    assert json.loads(lines[-1].removeprefix("RESULT ")) == {
+        "fixed cluster, no GPU": "cpu",
+        "autoscaler with CPU node types only": "cpu",
+        "GPU pool scaled to zero": "gpu",
+        "explicit cpu": "cpu",
+    }
+    assert left == []

@@ -72,3 +72,22 @@ def test_lr_schedule_warms_up_then_decays():
     assert rates[0] > 0 and rates[3] == 1.0
     assert rates[:4] == sorted(rates[:4]) and rates[3:] == sorted(rates[3:], reverse=True)
     assert 0 < rates[-1] < 0.05
+
+
+def test_the_loop_runs_without_ray_and_its_checkpoint_exports(process_group, random_tiny_model, tmp_path):
+    """What benchmarks/gpu_smoke.py does on a GPU, here on CPU over gloo: run_loop with a LocalSession (no Ray),
+    then export the checkpoint it wrote."""
+    from medusa_ray import export
+    from medusa_ray.train.worker import LocalSession, run_loop
+
+    cfg = build_config({}, [f"model={random_tiny_model}", "train.zero_stage=2", "train.batch_size=4",
+                            "train.max_steps=3", "train.checkpoint_every=2", "train.warmup_steps=0",
+                            "train.max_length=128", "train.tracking=[]", f"export.output_dir={tmp_path / 'export'}"])
+    rows = [{"id": f"c{i}", "messages": m, "mode": "chat"} for i, m in enumerate(corpus.conversations(16, seed=2))]
+    session = LocalSession(rows, torch.device("cpu"), tmp_path / "checkpoints")
+    result = run_loop(cfg, session, 3, str(tmp_path / "run"))
+    assert result["progress"]["step"] == 3 and result["progress"]["rows"] == 12
+    assert [p.name for p in session.checkpoints] == ["checkpoint_step00000002", "checkpoint_step00000003"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
+    out = export.run(cfg, checkpoint=str(session.checkpoints[-1]))
+    assert (out / "medusa_lm_head.safetensors").stat().st_size > 0

@@ -254,24 +254,31 @@ class RaySession(Session):
 class LocalSession(Session):
     """One process, no Ray: rows from memory, checkpoints into ``checkpoint_root`` (benchmarks, GPU smoke test).
 
-    Needs a process group already (``torch.distributed.init_process_group``), as DeepSpeed does.
+    ``rows`` are dicts of the distill output format (``id``, ``messages``, ``mode``). Needs a process group
+    already (``torch.distributed.init_process_group``), as DeepSpeed does; rank r takes every r-th row.
     """
 
-    def __init__(self, rows: dict[str, Any], device, checkpoint_root: Path):
+    def __init__(self, rows: list[dict[str, Any]], device, checkpoint_root: Path):
         import torch.distributed as dist
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device
-        self._rows = rows
+        self._rows = rows[self.rank::self.world]
         self.checkpoint_root = Path(checkpoint_root)
         self.checkpoints: list[Path] = []
 
     def batches(self, batch_size: int):
-        n = len(next(iter(self._rows.values())))
-        mine = list(range(self.rank, n, self.world))
-        for start in range(0, len(mine), batch_size):
-            idx = mine[start:start + batch_size]
-            yield {k: v[idx] for k, v in self._rows.items()}
+        import numpy as np
+
+        for start in range(0, len(self._rows), batch_size):
+            chunk = self._rows[start:start + batch_size]
+            batch = {}
+            for key in chunk[0]:
+                column = np.empty(len(chunk), dtype=object)
+                for i, row in enumerate(chunk):
+                    column[i] = row[key]
+                batch[key] = column
+            yield batch
 
     def report(self, metrics, checkpoint_dir, step):
         if checkpoint_dir is None:
