@@ -80,8 +80,8 @@ class DistillConfig(_Section):
     shard_size: int = Field(256, ge=1)
     """Conversations per output Parquet shard; a shard is the unit of resume."""
     max_retries: int = Field(2, ge=0)
-    """Extra attempts for a failed or truncated request before it is recorded in ``<output_dir>/errors``.
-    Truncated replies are retried only when sampling (``temperature > 0``): greedy decoding would repeat them.
+    """Extra attempts for a failed request before it is recorded in ``<output_dir>/errors``. A reply cut at
+    ``max_tokens`` is kept as a training row (``finish_reason: length``) and ends its conversation.
     Conversations recorded as errors count as done on a re-run; delete ``errors/`` to retry them."""
 
     @model_validator(mode="after")

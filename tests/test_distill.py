@@ -48,6 +48,33 @@ def test_rounds_drop_source_answers_and_keep_system_turns():
     assert plan_rounds([s, u1, a1, u2], "completion") == [[{"role": "user", "content": "U1"}]]
 
 
+def test_a_reply_cut_at_max_tokens_is_kept_and_ends_the_conversation():
+    from medusa_ray.data import Conversation
+    from medusa_ray.distill import _Run, _Work
+
+    class Writer:
+        rows, errors = [], []
+
+        def add_row(self, row):
+            self.rows.append(row)
+
+        def add_error(self, error):
+            self.errors.append(error)
+
+    messages = [{"role": "user", "content": "count to 100"}, {"role": "assistant", "content": "1 2 3"},
+                {"role": "user", "content": "and back"}, {"role": "assistant", "content": "3 2 1"}]
+    writer = Writer()
+    state = _Run(build_config({}, ["distill.max_tokens=4"]), writer)
+    work = _Work(Conversation("c1", messages, "f:1"), plan_rounds(messages, "chat"))
+    reply = {"text": "1 2 3 4", "finish_reason": "length", "prompt_tokens": 5, "completion_tokens": 4, "error": ""}
+    assert state.handle(work, reply) is False  # no second round after a cut-off reply
+    assert writer.errors == []
+    (row,) = writer.rows
+    assert row["finish_reason"] == "length"
+    assert row["messages"] == [messages[0], {"role": "assistant", "content": "1 2 3 4"}]
+    assert state.counts == {"written": 1, "failed": 0, "truncated": 1, "empty": 0}
+
+
 def test_reply_parsing_and_endpoint_urls():
     chat = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
@@ -147,7 +174,10 @@ def test_assistant_turns_equal_greedy_vllm_chat(distilled, tiny_model, prompts, 
     assert len(source) == NUM_PROMPTS
     assert summary.rows_in == NUM_PROMPTS + 2 and summary.invalid == 2
     assert summary.rows_out == len(rows) and summary.rows_out >= NUM_PROMPTS // 2
-    assert summary.rows_out + summary.failed + summary.truncated + summary.empty == NUM_PROMPTS
+    assert summary.rows_out + summary.failed + summary.empty == NUM_PROMPTS
+    # Replies cut at max_tokens are kept as rows (finish_reason "length"), never recorded as errors.
+    assert summary.truncated == sum(r["finish_reason"] == "length" for r in rows)
+    assert not any(e["reason"] == "truncated" for e in errors)
     assert summary.generated_tokens >= sum(r["completion_tokens"] for r in rows) > 0
     assert sorted([r["id"] for r in rows] + [e["id"] for e in errors if e["reason"] != "invalid"]) == sorted(source)
     assert any(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in rows), "no multi-turn row"
@@ -255,7 +285,7 @@ def test_endpoint_openai_server(openai_server, distilled, tiny_model, prompts, t
     summary = distill.run(cfg)
     rows = _rows(out)
     assert summary.rows_out == len(rows) > 0
-    assert summary.rows_out + summary.failed + summary.truncated + summary.empty == 10
+    assert summary.rows_out + summary.failed + summary.empty == 10
     reference = {r["id"]: r["messages"] for r in _rows(Path(distilled[0].distill.output_dir))}
     # Same model, same greedy decoding: the server's answers equal the Serve deployment's.
     assert {r["id"]: r["messages"] for r in rows} == {r["id"]: reference[r["id"]] for r in rows}

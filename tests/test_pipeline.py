@@ -83,7 +83,7 @@ def test_pipeline_killed_in_training_resumes_and_finishes(tiny_model, ray_sessio
     assert "distill: already complete" in log
     assert {p: p.stat().st_mtime_ns for p in distilled.glob("*.parquet")} == shards
     summary = json.loads((distilled / "_pipeline" / "pipeline_summary.json").read_text())
-    # Every distilled prompt is a training row, or recorded as an error (e.g. truncated) and never trained on.
+    # Every distilled prompt is a training row, or recorded as an error (failed, empty) and never trained on.
     # The prompts' distinct conversations minus the held-back ones were distilled.
     distinct = len(read_conversations(tmp_path / "prompts.jsonl").conversations)
     held_back = len((distilled / "_pipeline" / "heldout_prompts.jsonl").read_text().splitlines())

@@ -40,6 +40,7 @@ class DistillSummary:
     """Conversations written as training rows by this run."""
     failed: int
     truncated: int
+    """Of ``rows_out``: conversations ending in a reply cut at ``max_tokens`` (kept, ``finish_reason: length``)."""
     empty: int
     invalid: int
     skipped: int
@@ -64,7 +65,7 @@ class DistillSummary:
             ("invalid", self.invalid),
             ("written", self.rows_out),
             ("failed", self.failed),
-            ("truncated", self.truncated),
+            ("  of which truncated", self.truncated),
             ("empty", self.empty),
             ("generated tokens", self.generated_tokens),
             ("tokens/s", f"{self.tokens_per_s:.1f}"),
@@ -185,15 +186,14 @@ class _Run:
                 return True
             self._record_error(work, "failed", reply["error"])
             return False
-        if reply["finish_reason"] == "length":
-            # Greedy decoding would truncate again, identically: only sampled requests are retried.
-            if d.temperature > 0 and self._retry(work):
-                return True
-            self._record_error(work, "truncated", f"reply hit max_tokens={d.max_tokens} in round {work.round}")
-            return False
         if not reply["text"].strip():
             self._record_error(work, "empty", f"the model answered round {work.round} with nothing")
             return False
+        if reply["finish_reason"] == "length":
+            # A reply cut at max_tokens is still exactly what the model says, and the longest replies are most
+            # of the tokens: keep it. The conversation ends here; a later round would follow a cut-off reply.
+            self.counts["truncated"] += 1
+            work.rounds = work.rounds[: work.round + 1]
         work.history += work.rounds[work.round] + [{"role": "assistant", "content": reply["text"]}]
         work.prompt_tokens += int(reply["prompt_tokens"] or 0)
         work.completion_tokens += int(reply["completion_tokens"] or 0)

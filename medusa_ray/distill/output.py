@@ -42,7 +42,7 @@ ERROR_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("source", pa.string()),
-        # invalid (bad input record) | failed (request error) | truncated (hit max_tokens) | empty
+        # invalid (bad input record) | failed (request error) | empty (the model said nothing)
         ("reason", pa.string()),
         ("error", pa.string()),
         ("round", pa.int64()),
