@@ -112,10 +112,13 @@ class _Cluster:
     """A head (`ray start --head --block`) plus worker nodes (`ray start --address`), each with its own ports and
     its own temp dir, tagged so every process they spawn can be found; stopped by signalling those processes.
 
-    Each node gets its own ``--temp-dir``, as separate machines have separate disks. Nodes sharing one session
-    directory on one machine also share ``runtime_resources/``, where each node's runtime-env agent unpacks and
-    garbage-collects ``working_dir`` packages: one node deletes a package the other node's workers import from
-    (the import failures a two-node ``--working-dir`` job on one machine dies of).
+    Each node gets its own ``--temp-dir`` (``RAY_TMPDIR`` alone only moves the head's), as separate machines
+    have separate disks. A worker node started without one shares the head's session directory and so its
+    ``runtime_resources/``: the first time the worker's runtime-env agent installs a ``working_dir`` package
+    (when the job driver on the head calls ``ray.init``), it removes the directory and unzips it again, under
+    the driver and its imports (``packaging.py``'s ``download_and_unpack_package(overwrite=True)``). That is
+    the import failure a two-node ``--working-dir`` job on one machine dies of; Ray's file lock only keeps
+    the two agents from unzipping at once.
     """
 
     def __init__(self, head_cpus: int = 0, env: dict | None = None):
