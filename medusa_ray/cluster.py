@@ -75,10 +75,11 @@ def run_task(fn, *args, name: str, num_cpus: float = 1, num_gpus: float = 0, **k
 def autoscaler_node_types() -> list[dict[str, float]] | None:
     """Resources of every node type the cluster's autoscaler can add.
 
-    Read from the cluster config an autoscaler publishes in the GCS (autoscaler v2), or from the cluster
-    launcher's config on the head node (``~/ray_bootstrap_config.yaml``, where job drivers run). None when the
-    cluster has no autoscaler that can add nodes (a fixed cluster: what it has now is all it will have).
-    Raises ``LookupError`` when an autoscaler manages named node types we cannot read (autoscaler v1 on KubeRay).
+    Read from the cluster config in the GCS, where a platform publishes one (open-source Ray 2.60's autoscalers
+    don't), or from the cluster launcher's config on the head node (``~/ray_bootstrap_config.yaml``, where job
+    drivers run). None when the cluster has no autoscaler that can add nodes (a fixed cluster: what it has now
+    is all it will have). Raises ``LookupError`` when an autoscaler manages named node types we cannot read
+    (KubeRay's, which keeps them in the RayCluster resource).
     """
     import json
 

@@ -399,7 +399,7 @@ _AUTO_DRIVER = textwrap.dedent(
     seen = {"fixed cluster, no GPU": resolve_accelerator("auto", "train.use_gpu")}
 
     def publish(groups):
-        # What an autoscaler (v2) publishes to the GCS: the node groups it can start.
+        # The cluster config a platform publishes in the GCS: the node groups its autoscaler can start.
         config = autoscaler_pb2.ClusterConfig(node_group_configs=[
             autoscaler_pb2.NodeGroupConfig(name=name, resources=res, min_count=0, max_count=n)
             for name, res, n in groups])

