@@ -109,3 +109,22 @@ def test_head_k_at_position_t_predicts_token_t_plus_k_plus_2():
         expected = F.cross_entropy(logits[None], torch.tensor([7]))
         assert stats[k, 1].item() == 1
         torch.testing.assert_close(stats[k, 0], expected)
+
+
+def test_bf16_weight_gradient_accumulates_in_fp32():
+    """On GPUs the heads run in bf16; summing the weight gradient over many chunks in bf16 loses precision
+    chunk by chunk, so it must accumulate in fp32 (error near one bf16 rounding, not one per chunk)."""
+    from medusa_ray.model.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    n, hidden, vocab = 2048, 64, 512
+    h = torch.randn(n, hidden).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden) * 0.05).bfloat16().requires_grad_()
+    y = torch.randint(0, vocab, (n,))
+    loss, _ = linear_cross_entropy(h, w, y, chunk_tokens=16)
+    loss.backward()
+    assert w.grad.dtype == torch.bfloat16
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    torch.nn.functional.cross_entropy(h64 @ w64.t(), y, reduction="sum").backward()
+    error = ((w.grad.double() - w64.grad).norm() / w64.grad.norm()).item()
+    assert error < 0.005, error

@@ -62,7 +62,7 @@ def head_accuracy(base_model: str, medusa_dir: str | Path, heldout: str, topk: i
         ex = tokenize_messages(tokenizer, [dict(m) for m in row["messages"]], row.get("mode") or "chat", max_length)
         ids = torch.tensor([ex.input_ids])
         labels = torch.tensor(ex.labels)
-        hidden = decoder(input_ids=ids).last_hidden_state[0]
+        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
         for k in range(heads.num_heads):
             shift = k + 2
             if len(ex.input_ids) <= shift:

@@ -24,7 +24,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         correct = torch.zeros(topk, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        # The weight gradient sums over every chunk: in bf16 that sum loses precision chunk by chunk, so it
+        # accumulates in fp32 and is cast once, in backward.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         k = min(topk, weight.shape[0])
         for start in range(0, n, chunk_tokens):
             hc, yc = h[start : start + chunk_tokens], target[start : start + chunk_tokens]
@@ -37,14 +39,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits' memory
                 probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0
-                g = probs.to(weight.dtype)
                 if need_h:
-                    torch.mm(g, weight, out=grad_h[start : start + chunk_tokens])
+                    torch.mm(probs.to(weight.dtype), weight, out=grad_h[start : start + chunk_tokens])
                 if need_w:
-                    grad_w.addmm_(g.t(), hc)
+                    grad_w.addmm_(probs.t(), hc.float())
             del logits
         if k < topk:  # a vocabulary smaller than topk: every target is within the top |V|
             correct[k:] = correct[k - 1] if k else 0.0
+        ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(correct)
         return loss, correct
@@ -55,7 +57,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_h is not None:
             grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
-            grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype))
+            grad_w = grad_w.mul_(grad_loss.float()).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None
 
 

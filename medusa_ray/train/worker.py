@@ -165,7 +165,8 @@ def forward_backward(engine, decoder, batch, cfg: Config, device):
 
     ids, mask, labels = (x.to(device) for x in batch)
     with torch.no_grad():
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        # No KV cache: nothing is generated, and building one costs memory on every step.
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     t = cfg.train
     loss, stats = engine(hidden, labels=labels, head_decay=t.head_decay, topk=t.topk, chunk_tokens=t.logits_chunk_tokens)
     engine.backward(loss)
