@@ -91,3 +91,14 @@ def test_the_loop_runs_without_ray_and_its_checkpoint_exports(process_group, ran
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
     out = export.run(cfg, checkpoint=str(session.checkpoints[-1]))
     assert (out / "medusa_lm_head.safetensors").stat().st_size > 0
+
+
+def test_heads_dtype_follows_the_deepspeed_config():
+    """bf16 heads only where ZeRO keeps fp32 master weights; a user's DeepSpeed JSON decides for itself."""
+    zero0 = worker.deepspeed_config(build_config({}, ["train.zero_stage=0"]), on_gpu=True)
+    zero2 = worker.deepspeed_config(build_config({}, ["train.zero_stage=2"]), on_gpu=True)
+    cpu = worker.deepspeed_config(build_config({}, ["train.zero_stage=2"]), on_gpu=False)
+    assert worker.heads_dtype(zero0) == torch.float32 and not zero0["bf16"]["enabled"]
+    assert worker.heads_dtype(zero2) == torch.bfloat16
+    assert worker.heads_dtype(cpu) == torch.float32
+    assert worker.heads_dtype({"fp16": {"enabled": True}}) == torch.float16

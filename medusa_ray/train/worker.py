@@ -58,8 +58,9 @@ def _recording(batches, recorded: list, batch_size: int):
                 recorded[:] = [_TOO_BIG]
         yield batch
 
-def build_models(cfg: Config, device, dtype):
-    """The frozen base (every parameter requires_grad=False) and fresh heads initialised from its lm_head."""
+def build_models(cfg: Config, device, dtype, heads_dtype=None):
+    """The frozen base (every parameter requires_grad=False, in ``dtype``) and fresh heads initialised from its
+    lm_head, in ``heads_dtype`` (default ``dtype``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +74,7 @@ def build_models(cfg: Config, device, dtype):
     lm_head = base.get_output_embeddings().weight
     torch.manual_seed(t.seed)
     heads = MedusaHeads(t.medusa_num_heads, t.medusa_num_layers, lm_head, share_lm_head=t.share_lm_head)
-    heads.to(device=device, dtype=dtype)
+    heads.to(device=device, dtype=heads_dtype or dtype)
     return base, heads
 
 
@@ -97,7 +98,9 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
             "type": "AdamW",
             "params": {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "torch_adam": True},
         },
-        "bf16": {"enabled": on_gpu},
+        # bf16 heads only where ZeRO keeps fp32 master weights and optimizer states (stages 1-3); at stage 0
+        # DeepSpeed would update bf16 weights directly, so the heads (small next to the base) stay fp32 there.
+        "bf16": {"enabled": on_gpu and t.zero_stage > 0},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -110,6 +113,17 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
     # Without an optimizer DeepSpeed would run forward/backward and never update anything.
     user.setdefault("optimizer", built["optimizer"])
     return user
+
+
+def heads_dtype(ds_config: dict[str, Any]):
+    """The heads' parameter dtype that the DeepSpeed config trains: bf16/fp16 when it enables them, else fp32."""
+    import torch
+
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):
@@ -164,9 +178,10 @@ def forward_backward(engine, decoder, batch, cfg: Config, device):
     import torch
 
     ids, mask, labels = (x.to(device) for x in batch)
+    dtype = next(engine.module.parameters()).dtype
     with torch.no_grad():
         # No KV cache: nothing is generated, and building one costs memory on every step.
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.to(dtype)
     t = cfg.train
     loss, stats = engine(hidden, labels=labels, head_decay=t.head_decay, topk=t.topk, chunk_tokens=t.logits_chunk_tokens)
     engine.backward(loss)
@@ -321,9 +336,9 @@ def run_loop(cfg: Config, session: Session, total_steps: int, location: str) -> 
     dtype = torch.bfloat16 if on_gpu else torch.float32
     collectives = Collectives(device)
 
-    base, heads = build_models(cfg, device, dtype)
-    decoder = decoder_of(base)
     ds_config = deepspeed_config(cfg, on_gpu)
+    base, heads = build_models(cfg, device, dtype, heads_dtype(ds_config))
+    decoder = decoder_of(base)
     trainable = sum(p.numel() for p in heads.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     engine = init_engine(heads, ds_config, t.warmup_steps, total_steps)
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
