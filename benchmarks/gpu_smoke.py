@@ -27,11 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rows(n: int) -> list[dict]:
+def _write_rows(path: Path, n: int) -> Path:
     """``n`` tiny-corpus conversations in the distill output format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from medusa_ray.tiny import corpus
 
-    return [{"id": f"c{i}", "messages": m, "mode": "chat"} for i, m in enumerate(corpus.conversations(n, seed=3))]
+    rows = [{"id": f"c{i}", "messages": m, "mode": "chat"} for i, m in enumerate(corpus.conversations(n, seed=3))]
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path / "part-00000.parquet")
+    return path
 
 
 def main() -> int:
@@ -56,10 +62,13 @@ def main() -> int:
         model = str(make_tiny_model(out / "tiny-model", pretrain_steps=300))
 
     from medusa_ray.config import build_config
+    from medusa_ray.train import plan_schedule
+    from medusa_ray.train.plan import make_plan
     from medusa_ray.train.worker import LocalSession, run_loop
 
-    cfg = build_config({}, [f"model={model}", "train.zero_stage=2", "train.batch_size=8", "train.lr=3e-3",
-                            f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}",
+    data = _write_rows(out / "distilled", args.rows)
+    cfg = build_config({}, [f"model={model}", f"train.data={data}", "train.zero_stage=2", "train.batch_size=8",
+                            "train.lr=3e-3", f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}",
                             "train.warmup_steps=3", "train.max_length=256", "train.tracking=[]",
                             f"export.output_dir={out / 'export'}", f"eval.prompts={REPO / 'examples' / 'demo_prompts.jsonl'}",
                             "eval.num_prompts=32", "eval.max_tokens=64", "eval.compare_untrained=true"])
@@ -71,10 +80,12 @@ def main() -> int:
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     device = torch.device("cuda", 0)
-    session = LocalSession(_rows(args.rows), device, out / "checkpoints")
+    session = LocalSession(device, out / "checkpoints")
+    plan = make_plan([str(p) for p in sorted(data.glob("*.parquet"))], 0, cfg.train.val_fraction,
+                     cfg.train.val_min_rows, cfg.train.val_max_rows)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = run_loop(cfg, session, args.steps, str(out / "run"))
+    result = run_loop(cfg, session, plan, plan_schedule(cfg.train, plan.train_rows), str(out / "run"))
     train_s = time.perf_counter() - t0
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     dist.destroy_process_group()
@@ -88,6 +99,7 @@ def main() -> int:
     print(json.dumps({
         "device": torch.cuda.get_device_name(0),
         "train_steps": result["progress"]["step"],
+        "val_expected_acceptance": round(result["validation"].get("expected_acceptance", float("nan")), 3),
         "train_tokens_per_s": round(result["progress"]["tokens"] / train_s, 1),
         "train_peak_gpu_gib": round(peak_gib, 3),
         "acceptance_length": round(results["acceptance_length"], 3),

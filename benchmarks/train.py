@@ -7,15 +7,18 @@ Both steps see the same token batches (tiny-corpus conversations, labels on assi
 same base architecture (a Llama with the given hidden size, random weights, built in memory: nothing is
 downloaded), train the same K heads with AdamW, and differ only in how the loss is computed:
 
-* reference (FasterDecoding ``medusa_model_legacy`` + ``train_legacy``): base decoder under no_grad, the
-  base ``lm_head`` logits computed (``output_orig``), every head's full [B, T, V] logits stacked, then a
-  cross-entropy over all shifted positions (``ignore_index`` masks the prompt) and top-k accuracy.
+* reference (FasterDecoding ``medusa_model_legacy`` + ``train_legacy``): base decoder under no_grad,
+  every head's full [B, T, V] logits stacked, then a cross-entropy over all shifted positions
+  (``ignore_index`` masks the prompt) and top-k accuracy. Nothing more: it never computes the base model's
+  own logits. With ``share_lm_head`` the reference's heads project through the frozen base ``lm_head`` too,
+  so each variant is compared with a reference that does the same work.
 * medusa-ray: base decoder only, heads only on label-carrying positions, chunked cross-entropy with the
   gradients formed chunk by chunk (``medusa_ray.model.loss``), so no full logits ever exist.
 
 Each case runs in a fresh process so peak memory is its own: on CPU the peak RSS during the timed steps
 (VmHWM reset through /proc/self/clear_refs) minus the RSS before them; on GPU max_memory_allocated minus
-what was allocated before the steps. Tokens/s counts non-padding input tokens, median over timed steps.
+what was allocated before the steps. Tokens/s counts non-padding input tokens: the median over the timed
+steps, after ``--warmup`` untimed ones.
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ def _base(vocab: int, hidden: int, layers: int, seed: int = 0):
     return model.eval()
 
 
-def _legacy_heads(lm_head, num_heads: int, num_layers: int):
-    """FasterDecoding's medusa_head: nn.Sequential(*([ResBlock(h)] * L), nn.Linear(h, V, bias=False))."""
+def _legacy_heads(lm_head, num_heads: int, num_layers: int, share: bool = False):
+    """FasterDecoding's medusa_head: nn.Sequential(*([ResBlock(h)] * L), nn.Linear(h, V, bias=False)); with
+    ``share`` every head's projection is one frozen copy of the base lm_head."""
     import torch
     from torch import nn
 
@@ -89,8 +93,10 @@ def _legacy_heads(lm_head, num_heads: int, num_layers: int):
             return x + self.act(self.linear(x))
 
     vocab, hidden = lm_head.shape
+    shared = nn.Linear(hidden, vocab, bias=False).requires_grad_(False) if share else None
     heads = nn.ModuleList(
-        [nn.Sequential(*([ResBlock(hidden)] * num_layers), nn.Linear(hidden, vocab, bias=False)) for _ in range(num_heads)]
+        [nn.Sequential(*([ResBlock(hidden)] * num_layers), shared or nn.Linear(hidden, vocab, bias=False))
+         for _ in range(num_heads)]
     )
     with torch.no_grad():
         for h in heads:
@@ -105,7 +111,6 @@ def _reference_step(base, heads, ids, mask, labels, decay: float, topk: int):
 
     with torch.no_grad():
         outputs = base.model(input_ids=ids, attention_mask=mask)
-        orig = base.lm_head(outputs[0])  # noqa: F841 - computed, as the reference does
     hidden_states = outputs[0].clone()
     logits = torch.stack([head(hidden_states) for head in heads], dim=0)
     loss = 0
@@ -142,15 +147,16 @@ def _case(args, variant: str, vocab: int, batches, queue):
     device = torch.device(args.device)
     base = _base(vocab, args.hidden, args.layers).to(device)
     lm_head = base.get_output_embeddings().weight
-    if variant == "reference":
-        heads = _legacy_heads(lm_head, args.heads, args.layers_per_head).to(device)
+    if variant.startswith("reference"):
+        heads = _legacy_heads(lm_head, args.heads, args.layers_per_head, share=variant == "reference_shared")
+        heads = heads.to(device)
     else:
         heads = MedusaHeads(args.heads, args.layers_per_head, lm_head, share_lm_head=variant == "share_lm_head").to(device)
     opt = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=1e-4)
 
     def step(b):
         ids, mask, labels = (x.to(device) for x in b)
-        if variant == "reference":
+        if variant.startswith("reference"):
             loss = _reference_step(base, heads, ids, mask, labels, 0.8, args.topk)
         else:
             loss = _ours_step(base, heads, ids, mask, labels, 0.8, args.topk, args.chunk)
@@ -158,7 +164,8 @@ def _case(args, variant: str, vocab: int, batches, queue):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    step(batches[0])  # warm-up: allocator, optimizer state
+    for b in batches[: args.warmup]:  # warm-up: allocator, optimizer state, first-call costs
+        step(b)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -171,7 +178,7 @@ def _case(args, variant: str, vocab: int, batches, queue):
         if not _reset_peak():
             before = float("nan")
     times, tokens = [], []
-    for b in batches[1:]:
+    for b in batches[args.warmup:]:
         t0 = time.perf_counter()
         step(b)
         if device.type == "cuda":
@@ -192,7 +199,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers-per-head", type=int, default=1)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--chunk", type=int, default=1024, help="train.logits_chunk_tokens")
     p.add_argument("--device", default="cpu")
@@ -203,7 +211,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = str(make_tiny_model(Path(tmp) / "tok", pretrain_steps=0))  # only its tokenizer is used
-        batches = _batches(tok_dir, args.steps + 1, args.batch, args.max_length)
+        batches = _batches(tok_dir, args.warmup + args.steps, args.batch, args.max_length)
     n_tok = sum(int(b[1].sum()) for b in batches)
     n_lab = sum(int((b[2] != -100).sum()) for b in batches)
     print(f"data: {len(batches)} batches of {args.batch}, {n_tok} tokens, {n_lab / n_tok:.0%} carry labels; "
@@ -212,8 +220,8 @@ def main(argv=None) -> None:
     ctx = mp.get_context("spawn")
     rows = []
     for vocab in [int(v) for v in args.vocabs.split(",")]:
-        for variant in ("reference", "ours", "share_lm_head"):
-            if variant == "share_lm_head" and vocab < 32000:
+        for variant in ("reference", "ours", "reference_shared", "share_lm_head"):
+            if variant in ("reference_shared", "share_lm_head") and vocab < 32000:
                 continue
             q = ctx.Queue()
             proc = ctx.Process(target=_case, args=(args, variant, vocab, batches, q))
@@ -226,10 +234,13 @@ def main(argv=None) -> None:
             rows.append(q.get())
             print(f"  done: {variant} @ vocab {vocab}", file=sys.stderr)
 
-    names = {"reference": "reference (train_legacy)", "ours": "medusa-ray", "share_lm_head": "medusa-ray share_lm_head"}
+    names = {"reference": "reference (train_legacy)", "ours": "medusa-ray",
+             "reference_shared": "reference, shared lm_head", "share_lm_head": "medusa-ray, share_lm_head"}
+    baseline = {"ours": "reference", "reference": "reference", "share_lm_head": "reference_shared",
+                "reference_shared": "reference_shared"}
     print(f"\n{'vocab':>7}  {'step':<26} {'tokens/s':>10} {'peak MiB':>10} {'speed-up':>9} {'memory':>7}")
     for r in rows:
-        ref = next(x for x in rows if x["vocab"] == r["vocab"] and x["variant"] == "reference")
+        ref = next(x for x in rows if x["vocab"] == r["vocab"] and x["variant"] == baseline[r["variant"]])
         speed = r["tokens_per_s"] / ref["tokens_per_s"]
         mem = r["peak_mb"] / ref["peak_mb"]
         print(f"{r['vocab']:>7}  {names[r['variant']]:<26} {r['tokens_per_s']:>10.0f} {r['peak_mb']:>10.0f} "

@@ -123,24 +123,46 @@ class TrainConfig(_Section):
     """Peak learning rate (linear warmup, then cosine decay)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay."""
-    warmup_steps: int = Field(10, ge=0)
-    """Linear warmup steps."""
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    """Linear warmup over this share of the planned steps (the Medusa recipe's 0.1)."""
+    warmup_steps: Optional[int] = Field(None, ge=0)
+    """Warmup steps; overrides ``warmup_ratio`` when set."""
     max_steps: Optional[int] = Field(None, ge=1)
-    """Optimizer steps to train; overrides ``epochs`` when set."""
-    epochs: int = Field(1, ge=1)
-    """Passes over the data when ``max_steps`` is not set."""
+    """Train exactly this many optimizer steps (no early stopping); overrides ``epochs``."""
+    epochs: Optional[int] = Field(None, ge=1)
+    """Train exactly this many passes over the data (no early stopping)."""
+    max_epochs: int = Field(20, ge=1)
+    """Without ``max_steps``/``epochs``: at most this many passes. Small data needs many (the Medusa recipe
+    trains 20 epochs on ShareGPT-size data); large data stops early long before."""
+    min_steps: int = Field(100, ge=0)
+    """Without ``max_steps``/``epochs``: never stop early before this step."""
+    step_budget: int = Field(20000, ge=1)
+    """Without ``max_steps``/``epochs``: at most this many optimizer steps, whatever the data size."""
+    patience: int = Field(5, ge=1)
+    """Stop after this many validations without a better expected acceptance (after ``min_steps``)."""
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Share of conversations held back for validation (0 turns validation and early stopping off)."""
+    val_min_rows: int = Field(20, ge=1)
+    """At least this many validation conversations (but never more than a tenth of the data)."""
+    val_max_rows: int = Field(500, ge=1)
+    """At most this many validation conversations."""
+    val_every: Optional[int] = Field(None, ge=1)
+    """Validate every N optimizer steps. Default: twice per epoch, between 10 and 500 steps."""
+    max_bad_rows: float = Field(0.01, ge=0.0)
+    """Rows that cannot be templated or masked are skipped and counted; more than this share of the
+    training rows (or, when >= 1, this many rows) fails the run."""
     seed: int = 0
-    """Seed for head initialisation and data order."""
+    """Seed for head initialisation, the validation split and the data order (reshuffled every epoch)."""
     deepspeed_config: Optional[str] = None
     """A full DeepSpeed JSON config; replaces the one built from the keys above."""
     storage_path: str = "outputs/ray_results"
     """Where Ray Train keeps checkpoints: a local path, NFS mount or ``s3://`` URI shared by all nodes."""
     run_name: str = "medusa"
     """Ray Train run name; re-running with the same name and storage path resumes."""
-    checkpoint_every: int = Field(50, ge=1)
-    """Save a checkpoint every N optimizer steps (and at the end)."""
+    checkpoint_every: Optional[int] = Field(None, ge=1)
+    """Save a checkpoint every N optimizer steps (and at the end). Default: at every validation."""
     keep_checkpoints: int = Field(2, ge=1)
-    """Checkpoints kept in storage."""
+    """Checkpoints kept in storage: the best by validation expected acceptance, plus always the latest."""
     max_failures: int = Field(1, ge=0)
     """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
     log_every: int = Field(1, ge=1)
@@ -157,6 +179,8 @@ class TrainConfig(_Section):
     """MLflow experiment name."""
     fail_at_step: Optional[int] = Field(None, ge=1)
     """Testing aid: worker rank 0 raises once when it reaches this step, to exercise fault recovery."""
+    record_rows_dir: Optional[str] = None
+    """Testing aid: every rank appends the ids of each micro-batch it trains on to a file here."""
 
 
 class ExportConfig(_Section):

@@ -25,6 +25,9 @@ class PipelineSummary:
     train_steps: int
     train_resumed_from: int
     head_top1: list[float]
+    """Per head: top-1 on the held-back validation rows (the last training batch's when there are none)."""
+    expected_acceptance: float | None
+    """Validation estimate of the acceptance length, from ``head_top1``."""
     acceptance_length: float | None
     acceptance_length_untrained: float | None
     speedup: float | None
@@ -43,7 +46,8 @@ class PipelineSummary:
             ("rows distilled", self.rows_distilled),
             ("train steps", f"{self.train_steps}"
                             + (f" (resumed at {self.train_resumed_from})" if self.train_resumed_from else "")),
-            ("head top-1 (final)", " ".join(f"{a:.3f}" for a in self.head_top1) or "-"),
+            ("head top-1 (validation)", " ".join(f"{a:.3f}" for a in self.head_top1) or "-"),
+            ("expected acceptance (validation)", self.expected_acceptance),
             ("acceptance length (trained heads)", self.acceptance_length),
             ("acceptance length (untrained heads)", self.acceptance_length_untrained),
             ("speed-up vs. no speculation", self.speedup),
@@ -152,7 +156,7 @@ def run(cfg: Config) -> PipelineSummary:
         raise UserError(f"distillation produced no training rows in {cfg.distill.output_dir}; "
                         f"see {cfg.distill.output_dir}/errors")
     result = train.run(cfg)
-    export_dir = export.run(cfg, checkpoint=str(result.checkpoint))
+    export_dir = export.run(cfg, checkpoint=result.best_checkpoint or result.checkpoint)
     results = evaluate.run(cfg, medusa_dir=str(export_dir), compare_untrained=cfg.eval.compare_untrained)
     untrained = results.get("compared", {}).get("untrained")
 
@@ -161,7 +165,9 @@ def run(cfg: Config) -> PipelineSummary:
         rows_distilled=rows,
         train_steps=result.global_step,
         train_resumed_from=result.resumed_from,
-        head_top1=[float(result.metrics.get(f"medusa{i}_top1", float("nan"))) for i in range(k)],
+        head_top1=list(result.best_validation.get("top1") or
+                       [float(result.metrics.get(f"medusa{i}_top1", float("nan"))) for i in range(k)]),
+        expected_acceptance=result.best_validation.get("expected_acceptance"),
         acceptance_length=results.get("acceptance_length"),
         acceptance_length_untrained=untrained.get("acceptance_length") if untrained else None,
         speedup=results.get("speedup"),

@@ -92,11 +92,12 @@ class Tracker:
         """Run parameters (nested dicts are flattened to ``section.key``). The config is logged at open."""
         self._fan_out("log_params", params)
 
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        """One step's metrics, keys prefixed ``train/`` (``loss`` -> ``train/loss``); non-numbers are skipped."""
+    def log_metrics(self, metrics: dict[str, Any], step: int, prefix: str = "train/") -> None:
+        """One step's metrics, keys prefixed (``loss`` -> ``train/loss``; validation's go under ``val/``);
+        non-numbers are skipped."""
         step = int(step)
-        scalars = {_prefixed(k, "train/"): v for k, v in _numbers(metrics).items()}
-        scalars["train/step"] = step
+        scalars = {_prefixed(k, prefix): v for k, v in _numbers(metrics).items()}
+        scalars[f"{prefix}step"] = step
         self._last_step = max(self._last_step, step)
         self._fan_out("log_metrics", scalars, step)
 

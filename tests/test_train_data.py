@@ -88,14 +88,15 @@ def test_bad_rows_are_rejected_with_the_reason(tokenizer, messages, mode, match)
         tokenize_messages(tokenizer, messages, mode, max_length=64)
 
 
-def test_tokenize_batch_names_the_bad_row(random_tiny_model):
+def test_tokenize_batch_skips_and_names_the_bad_row(random_tiny_model):
     import numpy as np
 
-    batch = {"id": np.array(["good", "bad-row-7"]), "mode": np.array(["chat", "chat"]),
-             "messages": np.array([CONVERSATION, [{"role": "user", "content": "hi"}]], dtype=object)}
-    with pytest.raises(BadRowError, match="id=bad-row-7"):
-        tokenize_batch(batch, str(random_tiny_model), 64)
-    out = tokenize_batch({k: v[:1] for k, v in batch.items()}, str(random_tiny_model), 64)
+    messages = np.empty(2, dtype=object)
+    messages[0], messages[1] = CONVERSATION, [{"role": "user", "content": "hi"}]
+    batch = {"id": np.array(["good", "bad-row-7"]), "mode": np.array(["chat", "chat"]), "messages": messages}
+    out = tokenize_batch(batch, str(random_tiny_model), 64)
+    assert out["bad"] == ["id=bad-row-7: no assistant turn to train on"]
+    assert len(out["input_ids"]) == 1
     assert out["num_labels"][0] == sum(1 for y in out["labels"][0] if y != -100) > 0
 
 

@@ -76,19 +76,30 @@ def test_lr_schedule_warms_up_then_decays():
 
 def test_the_loop_runs_without_ray_and_its_checkpoint_exports(process_group, random_tiny_model, tmp_path):
     """What benchmarks/gpu_smoke.py does on a GPU, here on CPU over gloo: run_loop with a LocalSession (no Ray),
-    then export the checkpoint it wrote."""
+    with validation, then export the best checkpoint it wrote."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from medusa_ray import export
+    from medusa_ray.train import plan_schedule
+    from medusa_ray.train.plan import make_plan
     from medusa_ray.train.worker import LocalSession, run_loop
 
+    rows = [{"id": f"c{i}", "messages": m, "mode": "chat"} for i, m in enumerate(corpus.conversations(40, seed=2))]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-0.parquet")
     cfg = build_config({}, [f"model={random_tiny_model}", "train.zero_stage=2", "train.batch_size=4",
-                            "train.max_steps=3", "train.checkpoint_every=2", "train.warmup_steps=0",
+                            "train.max_steps=3", "train.val_every=2", "train.warmup_steps=0", "train.val_min_rows=4",
                             "train.max_length=128", "train.tracking=[]", f"export.output_dir={tmp_path / 'export'}"])
-    rows = [{"id": f"c{i}", "messages": m, "mode": "chat"} for i, m in enumerate(corpus.conversations(16, seed=2))]
-    session = LocalSession(rows, torch.device("cpu"), tmp_path / "checkpoints")
-    result = run_loop(cfg, session, 3, str(tmp_path / "run"))
+    plan = make_plan([str(tmp_path / "part-0.parquet")], 0, 0.1, 4, 100)
+    assert (plan.train_rows, plan.val_rows) == (36, 4)
+    session = LocalSession(torch.device("cpu"), tmp_path / "checkpoints")
+    result = run_loop(cfg, session, plan, plan_schedule(cfg.train, plan.train_rows), str(tmp_path / "run"))
     assert result["progress"]["step"] == 3 and result["progress"]["rows"] == 12
+    # Validated at step 2 and at the end; every checkpoint carries its validation.
     assert [p.name for p in session.checkpoints] == ["checkpoint_step00000002", "checkpoint_step00000003"]
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
+    assert result["validation"]["step"] == 3 and result["validation"]["rows"] == 4
+    assert 1.0 <= result["validation"]["expected_acceptance"] <= 4.0
+    assert (tmp_path / "run" / "validation.jsonl").read_text().count("\n") == 2
     out = export.run(cfg, checkpoint=str(session.checkpoints[-1]))
     assert (out / "medusa_lm_head.safetensors").stat().st_size > 0
 

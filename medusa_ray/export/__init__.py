@@ -20,7 +20,6 @@ from medusa_ray.export.card import write_model_card
 from medusa_ray.export.checkpoint import (
     check_heads,
     consolidate,
-    find_latest,
     is_remote,
     local_checkpoint,
     read_meta,
@@ -48,12 +47,18 @@ log = logging.getLogger(__name__)
 def _checkpoint_path(cfg: Config, checkpoint: str | None) -> str:
     if checkpoint:
         return checkpoint if is_remote(checkpoint) else str(Path(checkpoint).expanduser().resolve())
-    found = find_latest(cfg.train.storage_path, cfg.train.run_name)
-    if found is None:
+    from medusa_ray.train.checkpoints import best_checkpoint, run_checkpoints, validation_score
+
+    found = run_checkpoints(cfg.train.storage_path, cfg.train.run_name)
+    best = best_checkpoint(found)
+    if best is None:
         raise UserError(f"no checkpoint found for run {cfg.train.run_name!r} under {cfg.train.storage_path}; "
                         "train first or pass --checkpoint")
-    log.info("exporting the latest checkpoint of run %r: %s", cfg.train.run_name, found)
-    return found if is_remote(found) else str(Path(found).resolve())
+    score = validation_score(best)
+    why = (f"best validation expected acceptance {score:.3f} of {len(found)} checkpoint(s)" if score is not None
+           else "the latest; no checkpoint has a validation score")
+    print(f"exporting step {best.step} of run {cfg.train.run_name!r}: {why}", flush=True)
+    return best.uri if is_remote(best.uri) else str(Path(best.uri).resolve())
 
 
 def _check_output(out: Path, source: dict, overwrite: bool) -> bool:

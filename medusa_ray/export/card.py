@@ -101,12 +101,18 @@ def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None) ->
               f"| DeepSpeed ZeRO stage | {meta['zero_stage']} |",
               f"| workers | {meta['world_size']} |"]
     for key in ("medusa_num_heads", "medusa_num_layers", "share_lm_head", "head_decay", "lr", "batch_size",
-                "grad_accum", "max_length", "warmup_steps", "max_steps", "epochs", "weight_decay", "seed"):
-        if key in train_cfg:
+                "grad_accum", "max_length", "warmup_ratio", "max_steps", "epochs", "weight_decay", "seed"):
+        if train_cfg.get(key) is not None:
             lines.append(f"| {key} | {train_cfg[key]} |")
     lines += ["", "Final metrics per head (last training step):", ""]
     lines += _head_metrics_table(meta.get("metrics") or {})
     lines += [""]
+    validation = meta.get("validation")
+    if validation:
+        top1 = " / ".join(f"{a:.3f}" for a in validation["top1"])
+        lines += [f"On {validation['rows']} held-back conversations at step {validation['step']}: top-1 per head "
+                  f"{top1}, expected acceptance length {validation['expected_acceptance']:.3f} (an estimate of "
+                  "what vLLM measures: `1 + sum_k prod_(i<=k) top1_i`).", ""]
     if results:
         lines += _eval_section(results)
     speculative = json.dumps({"method": "medusa", "model": location, "num_speculative_tokens": heads})

@@ -29,13 +29,6 @@ _META_KEYS = ("base_model", "medusa_num_heads", "medusa_num_layers", "share_lm_h
 _HEAD_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
 
-def find_latest(storage_path: str, run_name: str) -> str | None:
-    """The newest checkpoint Ray Train registered for a run (a local path or URI), as the train stage defines it."""
-    from medusa_ray.train.checkpoints import find_latest_checkpoint
-
-    return find_latest_checkpoint(storage_path, run_name)
-
-
 @contextlib.contextmanager
 def local_checkpoint(path: str):
     """Yield a local directory for ``path``; a remote URI (s3://, gs://...) is downloaded to a temp dir first."""

@@ -12,14 +12,21 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
 from medusa_ray.train import run_files
-from medusa_ray.train.checkpoints import find_latest_checkpoint, join, run_checkpoints, worker_nodes
+from medusa_ray.train.checkpoints import (
+    best_checkpoint,
+    find_latest_checkpoint,
+    join,
+    run_checkpoints,
+    worker_nodes,
+)
+from medusa_ray.train.worker import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +47,24 @@ class TrainResult:
     data: dict[str, Any] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)
     """Ray node ids the training workers ran on."""
+    validation: dict[str, Any] = field(default_factory=dict)
+    """The final validation: ``expected_acceptance``, per-head ``top1`` and ``loss``, ``best_step``..."""
+    best_checkpoint: str | None = None
+    """The checkpoint with the best validation expected acceptance (what ``export`` picks)."""
+    best_validation: dict[str, Any] = field(default_factory=dict)
+    """That checkpoint's validation."""
+    stopped_early: bool = False
 
 
 def run(cfg: Config) -> TrainResult:
     """Train the heads; return the final checkpoint, its global step and its metrics."""
     from medusa_ray.cluster import init_ray
-    from medusa_ray.train.data import READ_COLUMNS, check_schema, list_data_files
+    from medusa_ray.train.data import check_schema, list_data_files
 
     cfg = _resolve_paths(cfg)
     t = cfg.train
     files = list_data_files(cfg.train_data)
-    columns = _columns(files)
+    _columns(files)  # every shard readable, or one line naming it
     check_schema(files)
     hidden_size, vocab_size = _base_dims(cfg.model)
     if t.deepspeed_config:
@@ -58,31 +72,34 @@ def run(cfg: Config) -> TrainResult:
     location = run_files.run_location(t.storage_path, t.run_name)
     _check_resumable(cfg, hidden_size, vocab_size)
 
+    from medusa_ray.train.plan import make_plan
+
+    plan = make_plan(files, t.seed, t.val_fraction, t.val_min_rows, t.val_max_rows)
+    if plan.train_rows == 0:
+        raise UserError(f"train data {cfg.train_data} has no rows")
+    if plan.duplicates:
+        log.warning("train data %s: %d rows repeat an earlier row's id and are dropped", cfg.train_data,
+                    plan.duplicates)
+    schedule = plan_schedule(t, plan.train_rows)
     init_ray(cfg.ray)
-    import ray
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from medusa_ray.cluster import resolve_accelerator, torch_backend
     from medusa_ray.train.worker import train_loop
 
-    rows = _num_rows(files)
-    if rows == 0:
-        raise UserError(f"train data {cfg.train_data} has no rows")
-    per_step = t.num_workers * t.batch_size * t.grad_accum
-    total_steps = t.max_steps or max(1, t.epochs * math.ceil(rows / per_step))
-    # Workers tokenize their own shard: they have the tokenizer loaded already, and extra Ray Data
-    # tasks would each pay for importing transformers.
-    ds = ray.data.read_parquet(files, columns=[c for c in READ_COLUMNS if c in columns])
-
-    from medusa_ray.cluster import resolve_accelerator, torch_backend
-
     use_gpu = t.use_gpu if t.use_gpu != "auto" else resolve_accelerator("auto", "train.use_gpu") == "gpu"
-    log.info("training %d heads on %d rows for %d steps with %d worker(s), ZeRO %d", t.medusa_num_heads, rows,
-             total_steps, t.num_workers, t.zero_stage)
+    how = (f"{schedule.total_steps} steps" if not schedule.early_stopping else
+           f"up to {schedule.total_steps} steps, stopping when validation stops improving")
+    print(f"training {t.medusa_num_heads} heads on {plan.train_rows} conversations ({plan.val_rows} held back "
+          f"for validation), {how}, {t.num_workers} worker(s), ZeRO {t.zero_stage}", flush=True)
+    # Checkpoints are ranked by validation; Ray Train keeps the best ones and always the latest (to resume).
+    score = {"checkpoint_score_attribute": "val_expected_acceptance", "checkpoint_score_order": "max"} \
+        if plan.val_rows else {}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "total_steps": total_steps, "run_dir": location},
+        train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "schedule": asdict(schedule),
+                           "run_dir": location},
         torch_config=TorchConfig(backend=torch_backend(bool(use_gpu))),
         # SPREAD: one worker per node where possible, so workers don't contend for one node's GPUs and bus.
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(use_gpu),
@@ -90,35 +107,58 @@ def run(cfg: Config) -> TrainResult:
         run_config=RunConfig(
             name=t.run_name,
             storage_path=t.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, **score),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        datasets={"train": ds},
     )
     try:
         result = trainer.fit()
     except Exception as exc:
-        # A worker hit a row it cannot train on: surface that one line, not the Ray traceback.
-        bad_row = re.search(r"BadRowError: (train data row id=[^\n]*)", str(exc))
-        if bad_row:
-            raise UserError(bad_row.group(1)) from None
+        # Too many rows it cannot train on: surface that one line, not the Ray traceback.
+        bad_rows = re.search(r"BadRowError: (train data: [^\n]*)", str(exc))
+        if bad_rows:
+            raise UserError(bad_rows.group(1)) from None
         raise
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint in {t.storage_path}/{t.run_name}")
 
-    latest = run_checkpoints(t.storage_path, t.run_name)[-1:]
-    if not latest:
+    found = run_checkpoints(t.storage_path, t.run_name)
+    if not found:
         raise RuntimeError(f"training finished but Ray Train registered no checkpoint in {location}")
-    checkpoint, meta = latest[0].uri, latest[0].meta
+    checkpoint, meta = found[-1].uri, found[-1].meta
+    best = best_checkpoint(found)
     out = result.return_value or {}
     metrics = out.get("metrics") or meta.get("metrics") or dict(result.metrics or {})
+    validation = out.get("validation") or meta.get("validation") or {}
     global_step = int(meta.get("global_step", metrics.get("step", 0)))
     plot = out.get("plot")
-    _print_summary(metrics, t.medusa_num_heads, t.head_decay, t.topk, global_step, checkpoint)
+    progress = out.get("progress") or {}
+    _print_summary(metrics, validation, t, global_step, checkpoint, best, progress)
     return TrainResult(checkpoint=checkpoint, global_step=global_step, metrics=metrics,
                        resumed_from=int(out.get("resumed_from", global_step)), run_dir=location,
                        plot=join(location, Path(plot).name) if plot else None,
-                       data=meta.get("data", {}), nodes=worker_nodes(checkpoint))
+                       data=meta.get("data", {}), nodes=worker_nodes(checkpoint), validation=validation,
+                       best_checkpoint=best.uri, best_validation=best.meta.get("validation") or {},
+                       stopped_early=bool(progress.get("stopped_early")))
+
+
+def plan_schedule(t, train_rows: int) -> Schedule:
+    """How long to train: exactly ``max_steps`` or ``epochs`` when given; otherwise up to ``max_epochs`` passes
+    within ``[min_steps, step_budget]`` steps, stopping early once validation stops improving."""
+    per_step = t.num_workers * t.batch_size * t.grad_accum
+    steps_per_epoch = max(1, math.ceil(train_rows / per_step))
+    if t.max_steps is not None:
+        total, early, max_epochs = t.max_steps, False, None
+    elif t.epochs is not None:
+        total, early, max_epochs = t.epochs * steps_per_epoch, False, t.epochs
+    else:
+        total = min(max(t.max_epochs * steps_per_epoch, t.min_steps), t.step_budget)
+        # Small data takes more than max_epochs passes to reach min_steps: epochs are not the limit then.
+        early, max_epochs = True, None if t.max_epochs * steps_per_epoch < t.min_steps else t.max_epochs
+    val_every = t.val_every or min(500, max(10, steps_per_epoch // 2))
+    warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * total)
+    max_bad = int(t.max_bad_rows) if t.max_bad_rows >= 1 else int(t.max_bad_rows * train_rows)
+    return Schedule(total_steps=total, warmup_steps=min(warmup, max(total - 1, 0)), val_every=val_every,
+                    checkpoint_every=t.checkpoint_every or val_every, early_stopping=early, min_steps=t.min_steps,
+                    patience=t.patience, max_epochs=max_epochs, max_bad_rows=max_bad)
 
 
 def _resolve_paths(cfg: Config) -> Config:
@@ -151,12 +191,6 @@ def _columns(files: list[str]) -> set[str]:
             raise UserError(f"{f}: not a readable Parquet file: {exc}") from None
         cols = names if cols is None else cols & names
     return cols or set()
-
-
-def _num_rows(files: list[str]) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def _base_dims(model: str) -> tuple[int, int]:
@@ -214,14 +248,30 @@ def _name(checkpoint: str) -> str:
     return checkpoint.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _print_summary(metrics: dict[str, Any], num_heads: int, decay: float, topk: int, step: int, ckpt: str) -> None:
-    tops = [f"top{i}" for i in range(1, topk + 1)]
-    lines = [f"{'head':>4}  {'predicts':>8}  {'weight':>6}  {'loss':>7}  " + "  ".join(f"{c:>6}" for c in tops)]
-    for k in range(num_heads):
+def _print_summary(metrics: dict[str, Any], validation: dict[str, Any], t, step: int, ckpt: str, best,
+                   progress: dict[str, Any]) -> None:
+    """Per head: the last batch's loss, and (when there is a validation split) held-out top-1."""
+    tops = [f"top{i}" for i in range(1, t.topk + 1)]
+    val_top1 = validation.get("top1") or []
+    head = f"{'head':>4}  {'predicts':>8}  {'weight':>6}  {'loss':>7}  " + "  ".join(f"{c:>6}" for c in tops)
+    lines = [head + ("  val top1" if val_top1 else "")]
+    for k in range(t.medusa_num_heads):
         loss = metrics.get(f"medusa{k}_loss", float("nan"))
         accs = "  ".join(f"{metrics.get(f'medusa{k}_{c}', float('nan')):>6.3f}" for c in tops)
-        lines.append(f"{k:>4}  {'t+' + str(k + 2):>8}  {decay**k:>6.3f}  {loss:>7.4f}  {accs}")
-    print(f"\ntrained Medusa heads: step {step}, loss {metrics.get('loss', float('nan')):.4f}, "
+        val = f"  {val_top1[k]:>8.3f}" if k < len(val_top1) else ""
+        lines.append(f"{k:>4}  {'t+' + str(k + 2):>8}  {t.head_decay**k:>6.3f}  {loss:>7.4f}  {accs}{val}")
+    stop = " (stopped early: validation stopped improving)" if progress.get("stopped_early") else ""
+    print(f"\ntrained Medusa heads: step {step}{stop}, loss {metrics.get('loss', float('nan')):.4f}, "
           f"{metrics.get('tokens_per_s', float('nan')):.0f} tokens/s")
     print("\n".join(lines))
-    print(f"checkpoint: {ckpt}\n")
+    if validation:
+        print(f"validation expected acceptance {validation['expected_acceptance']:.3f} on {validation['rows']} "
+              f"held-back conversations (best {validation['best_expected_acceptance']:.3f} at step "
+              f"{validation['best_step']}; an estimate of vLLM's acceptance length)")
+    if progress.get("bad_rows"):
+        print(f"skipped {progress['bad_rows']} rows that cannot be trained on, e.g. "
+              + "; ".join(progress.get("bad_examples", [])[:3]))
+    print(f"checkpoint: {ckpt}")
+    if best is not None and best.uri != ckpt:
+        print(f"best checkpoint: {best.uri} (what export picks)")
+    print()

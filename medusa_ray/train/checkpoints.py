@@ -100,6 +100,24 @@ def run_checkpoints(storage_path: str, run_name: str) -> list[CheckpointInfo]:
     return sorted(found, key=lambda c: c.step)
 
 
+def validation_score(checkpoint: CheckpointInfo) -> float | None:
+    validation = checkpoint.meta.get("validation") or {}
+    return validation.get("expected_acceptance")
+
+
+def best_checkpoint(found: list[CheckpointInfo]) -> CheckpointInfo | None:
+    """The checkpoint with the best validation expected acceptance (the later one on a tie); the latest when
+    none was validated."""
+    scored = [c for c in found if validation_score(c) is not None]
+    if not scored:
+        return found[-1] if found else None
+    return max(scored, key=lambda c: (validation_score(c), c.step))
+
+
+def find_best_checkpoint(storage_path: str, run_name: str) -> CheckpointInfo | None:
+    return best_checkpoint(run_checkpoints(storage_path, run_name))
+
+
 def find_latest_checkpoint(storage_path: str, run_name: str) -> str | None:
     """The registered checkpoint with the highest global step of run ``run_name``, or None."""
     found = run_checkpoints(storage_path, run_name)

@@ -20,7 +20,6 @@ from medusa_ray.errors import UserError
 from medusa_ray.model.loss import IGNORE_INDEX
 
 REQUIRED_COLUMNS = ("messages",)
-READ_COLUMNS = ("id", "messages", "mode")
 
 
 class BadRowError(ValueError):
@@ -132,18 +131,20 @@ def _check_messages(messages: Any, mode: str) -> None:
 
 
 def tokenize_batch(batch: dict[str, np.ndarray], model: str, max_length: int) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: adds ``input_ids``, ``labels``, ``num_labels``, ``truncated``."""
+    """``input_ids``, ``labels``, ``num_labels``, ``truncated`` of the usable rows, and ``bad``: one
+    ``"id=...: reason"`` per row that cannot be templated or masked (skipped, for the caller to count)."""
     tokenizer = load_tokenizer(model)
     n = len(batch["messages"])
     modes = batch["mode"] if "mode" in batch else ["chat"] * n
     ids = batch["id"] if "id" in batch else [f"#{i}" for i in range(n)]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "num_labels": [], "truncated": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "num_labels": [], "truncated": [], "bad": []}
     for row_id, messages, mode in zip(ids, batch["messages"], modes):
-        messages = [dict(m) for m in messages] if messages is not None else []
         try:
+            messages = [dict(m) for m in messages] if messages is not None else []
             ex = tokenize_messages(tokenizer, messages, mode or "chat", max_length)
-        except BadRowError as exc:
-            raise BadRowError(f"train data row id={row_id}: {exc}") from None
+        except (BadRowError, TypeError, ValueError) as exc:
+            out["bad"].append(f"id={row_id}: {exc}")
+            continue
         out["input_ids"].append(np.asarray(ex.input_ids, dtype=np.int32))
         out["labels"].append(np.asarray(ex.labels, dtype=np.int32))
         out["num_labels"].append(sum(1 for x in ex.labels if x != IGNORE_INDEX))
@@ -153,12 +154,14 @@ def tokenize_batch(batch: dict[str, np.ndarray], model: str, max_length: int) ->
         "labels": _ragged(out["labels"]),
         "num_labels": np.asarray(out["num_labels"], dtype=np.int64),
         "truncated": np.asarray(out["truncated"], dtype=bool),
+        "bad": out["bad"],
     }
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     obj = np.empty(len(arrays), dtype=object)
-    obj[:] = arrays
+    for i, a in enumerate(arrays):  # one by one: equal-length rows would otherwise become a 2-D assignment
+        obj[i] = a
     return obj
 
 

@@ -14,13 +14,17 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medusa_ray.config import Config
 from medusa_ray.train import checkpoints
-from medusa_ray.train.data import collate, tokenize_batch
+from medusa_ray.model.loss import IGNORE_INDEX
+from medusa_ray.train.data import BadRowError, collate, tokenize_batch
+from medusa_ray.train.plan import DataPlan, RowReader, epoch_units, validation_rows
+from medusa_ray.train.plan import _columns as plan_columns
+from medusa_ray.train.plan import batches as plan_batches
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +41,32 @@ class Progress:
     rows: int = 0  # all ranks, cumulative
     tokens: int = 0
     truncated: int = 0
+    bad_rows: int = 0  # rows skipped because they cannot be templated or masked (all ranks)
+    bad_examples: list = field(default_factory=list)  # the first few, "id=...: reason"
+    best_val: float = -1.0  # best validation expected acceptance so far
+    best_step: int = 0
+    since_best: int = 0  # validations without improvement
+    stopped_early: bool = False
 
 
+@dataclass
+class Schedule:
+    """How long to train, decided by the driver (``train.schedule``)."""
 
-# Each epoch of a Ray Data shard starts a new streaming execution (seconds of fixed cost). A shard this
-# small is cheaper to keep in memory than to stream again.
-_REPLAY_MAX_ROWS = 50_000
+    total_steps: int
+    """Steps the learning-rate schedule spans; the run's last step unless it stops early."""
+    warmup_steps: int
+    val_every: int
+    checkpoint_every: int
+    early_stopping: bool
+    """Stop once validation stops improving (``patience``), not before ``min_steps``."""
+    min_steps: int = 0
+    patience: int = 0
+    max_epochs: int | None = None
+    max_bad_rows: int = 0
+    """More skipped rows than this fail the run."""
 
 
-_TOO_BIG = object()
-
-
-def _recording(batches, recorded: list, batch_size: int):
-    """Yield ``batches``, appending them to ``recorded``; past _REPLAY_MAX_ROWS it holds just ``_TOO_BIG``."""
-    for batch in batches:
-        if not recorded or recorded[-1] is not _TOO_BIG:
-            if len(recorded) * batch_size < _REPLAY_MAX_ROWS:
-                recorded.append(batch)
-            else:
-                recorded[:] = [_TOO_BIG]
-        yield batch
 
 def build_models(cfg: Config, device, dtype, heads_dtype=None):
     """The frozen base (every parameter requires_grad=False, in ``dtype``) and fresh heads initialised from its
@@ -229,10 +239,6 @@ class Session:
         """A context manager yielding the directory of the checkpoint to resume from, or None."""
         return contextlib.nullcontext(None)
 
-    def batches(self, batch_size: int):
-        """One epoch of this rank's rows, as dicts of numpy columns."""
-        raise NotImplementedError
-
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         """Publish ``metrics``; with ``checkpoint_dir`` (every rank's files merged), register a checkpoint."""
         raise NotImplementedError
@@ -246,16 +252,12 @@ class RaySession(Session):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = _usable(ray.train.torch.get_device())
-        self._shard = ray.train.get_dataset_shard("train")
 
     def resume_dir(self):
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         return checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
-
-    def batches(self, batch_size: int):
-        return self._shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
 
     def report(self, metrics, checkpoint_dir, step):
         import ray.train
@@ -279,33 +281,18 @@ def _usable(device):
 
 
 class LocalSession(Session):
-    """One process, no Ray: rows from memory, checkpoints into ``checkpoint_root`` (benchmarks, GPU smoke test).
+    """One process, no Ray: checkpoints go to ``checkpoint_root`` (the GPU smoke test, tests).
 
-    ``rows`` are dicts of the distill output format (``id``, ``messages``, ``mode``). Needs a process group
-    already (``torch.distributed.init_process_group``), as DeepSpeed does; rank r takes every r-th row.
+    Needs a process group already (``torch.distributed.init_process_group``), as DeepSpeed does.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], device, checkpoint_root: Path):
+    def __init__(self, device, checkpoint_root: Path):
         import torch.distributed as dist
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device
-        self._rows = rows[self.rank::self.world]
         self.checkpoint_root = Path(checkpoint_root)
         self.checkpoints: list[Path] = []
-
-    def batches(self, batch_size: int):
-        import numpy as np
-
-        for start in range(0, len(self._rows), batch_size):
-            chunk = self._rows[start:start + batch_size]
-            batch = {}
-            for key in chunk[0]:
-                column = np.empty(len(chunk), dtype=object)
-                for i, row in enumerate(chunk):
-                    column[i] = row[key]
-                batch[key] = column
-            yield batch
 
     def report(self, metrics, checkpoint_dir, step):
         if checkpoint_dir is None:
@@ -318,11 +305,22 @@ class LocalSession(Session):
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train ``train_loop_per_worker``."""
-    return run_loop(Config.model_validate(config["cfg"]), RaySession(), config["total_steps"], config["run_dir"])
+    return run_loop(Config.model_validate(config["cfg"]), RaySession(), DataPlan.from_dict(config["plan"]),
+                    Schedule(**config["schedule"]), config["run_dir"])
 
 
-def run_loop(cfg: Config, session: Session, total_steps: int, location: str) -> dict[str, Any]:
-    """Train the heads for ``total_steps`` optimizer steps (or until the epochs run out) on ``session``'s rows.
+def expected_acceptance(top1: list[float]) -> float:
+    """Tokens per verification step if head k's first guess is right with probability top1[k], independently:
+    ``1 + sum_k prod_{i<=k} top1_i``. An estimate of what vLLM measures (it drafts the heads' top-1 chain)."""
+    total, chain = 1.0, 1.0
+    for p in top1:
+        chain *= p
+        total += chain
+    return total
+
+
+def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, location: str) -> dict[str, Any]:
+    """Train the heads on ``plan``'s rows for ``schedule``; validate, checkpoint, stop early.
 
     ``location`` is the run's directory in its storage (a path or URI); rank 0 keeps the run's files there.
     """
@@ -340,7 +338,7 @@ def run_loop(cfg: Config, session: Session, total_steps: int, location: str) -> 
     base, heads = build_models(cfg, device, dtype, heads_dtype(ds_config))
     decoder = decoder_of(base)
     trainable = sum(p.numel() for p in heads.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
-    engine = init_engine(heads, ds_config, t.warmup_steps, total_steps)
+    engine = init_engine(heads, ds_config, schedule.warmup_steps, schedule.total_steps)
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
     progress = Progress()
@@ -356,37 +354,43 @@ def run_loop(cfg: Config, session: Session, total_steps: int, location: str) -> 
     run_dir = run_files.pull(location) if rank == 0 else run_files.local_dir(location)
     tracker = _open_tracker(cfg, run_dir) if rank == 0 else None
     if tracker is not None and not resumed:
-        tracker.log_params({"world_size": world, "total_steps": total_steps, "zero_stage": zero_stage,
-                            "trainable_params": trainable})
-    bar = _progress_bar(total_steps, progress.step) if rank == 0 else None
+        tracker.log_params({"world_size": world, "total_steps": schedule.total_steps, "zero_stage": zero_stage,
+                            "trainable_params": trainable, "train_rows": plan.train_rows,
+                            "val_rows": plan.val_rows})
+    bar = _progress_bar(schedule.total_steps, progress.step) if rank == 0 else None
     pad_id = _pad_id(base)
+    reader = RowReader(plan.columns)
+    validator = _Validator(cfg, plan, reader, rank, world, pad_id) if plan.val_rows else None
 
     acc = torch.zeros(t.medusa_num_heads, 2 + t.topk, dtype=torch.float64)
-    acc_tokens = acc_rows = acc_trunc = 0
+    acc_tokens = acc_rows = acc_trunc = acc_bad = 0
+    bad_here: list[str] = []
     last_ckpt = progress.step if resumed else -1
     metrics: dict[str, Any] = {}
+    validation: dict[str, Any] = {}
     window_start = time.perf_counter()
 
-    replay: list | None = None  # a small shard's epoch, kept to replay instead of re-running Ray Data
-    while progress.step < total_steps and (t.max_steps is not None or progress.epoch < t.epochs):
-        if replay is not None:
-            batches = iter(replay)
-        else:
-            recorded: list = []
-            batches = _recording(session.batches(t.batch_size), recorded, t.batch_size)
-        # Resume inside an epoch: skip what the checkpointed run already trained on.
-        for _ in range(progress.batches_in_epoch):
-            if next(batches, None) is None:
-                break
+    def finished() -> bool:
+        if progress.stopped_early or progress.step >= schedule.total_steps:
+            return True
+        return schedule.max_epochs is not None and progress.epoch >= schedule.max_epochs
+
+    while not finished():
+        skip = progress.batches_in_epoch
+        batches = plan_batches(epoch_units(plan, t.seed, progress.epoch, rank, world), reader, t.batch_size, skip)
         consumed_any = False
-        while progress.step < total_steps:
+        while not finished():
             batch = next(batches, None)
             # Every rank must take the same number of steps (collectives); stop the epoch together.
             if not collectives.all_true(batch is not None):
                 break
             consumed_any = True
+            if t.record_rows_dir:
+                _record_rows(t.record_rows_dir, rank, progress.step + 1, batch)
             batch = tokenize_batch(batch, cfg.model, t.max_length)
-            stats, tokens, lr = forward_backward(engine, decoder, collate(batch["input_ids"], batch["labels"], pad_id), cfg, device)
+            acc_bad += len(batch["bad"])
+            bad_here += [b for b in batch["bad"] if len(bad_here) < 5]
+            stats, tokens, lr = forward_backward(engine, decoder, _collate(batch, pad_id), cfg, device)
             acc += stats.detach().to("cpu", torch.float64)
             acc_tokens += tokens
             acc_rows += len(batch["input_ids"])
@@ -397,57 +401,156 @@ def run_loop(cfg: Config, session: Session, total_steps: int, location: str) -> 
 
             # An optimizer step happened.
             progress.step = engine.global_steps
-            summed = collectives.sum(acc.flatten().tolist() + [acc_tokens, acc_rows, acc_trunc])
+            summed = collectives.sum(acc.flatten().tolist() + [acc_tokens, acc_rows, acc_trunc, acc_bad])
             elapsed = time.perf_counter() - window_start
-            stats_all = torch.tensor(summed[:-3], dtype=torch.float64).view_as(acc)
-            progress.tokens += int(summed[-3])
-            progress.rows += int(summed[-2])
-            progress.truncated += int(summed[-1])
+            stats_all = torch.tensor(summed[:-4], dtype=torch.float64).view_as(acc)
+            progress.tokens += int(summed[-4])
+            progress.rows += int(summed[-3])
+            progress.truncated += int(summed[-2])
+            progress.bad_rows += int(summed[-1])
+            if rank == 0:
+                progress.bad_examples = (progress.bad_examples + bad_here)[:5]
             metrics = step_metrics(stats_all, t.head_decay, t.topk)
-            metrics.update(lr=lr, tokens_per_s=summed[-3] / max(elapsed, 1e-9), step=progress.step)
+            metrics.update(lr=lr, tokens_per_s=summed[-4] / max(elapsed, 1e-9), step=progress.step)
             acc.zero_()
-            acc_tokens = acc_rows = acc_trunc = 0
+            acc_tokens = acc_rows = acc_trunc = acc_bad = 0
+            bad_here = []
+            if progress.bad_rows > schedule.max_bad_rows:
+                raise BadRowError(f"train data: {progress.bad_rows} of {plan.train_rows} rows cannot be trained on, "
+                                  f"more than train.max_bad_rows allows ({schedule.max_bad_rows}); e.g. "
+                                  + "; ".join(progress.bad_examples[:3]))
 
             if rank == 0 and t.fail_at_step == progress.step:
                 _fail_once(run_dir, progress.step)
             if rank == 0:
                 _log_step(tracker, bar, run_dir, metrics, t.log_every)
 
-            save = progress.step % t.checkpoint_every == 0 or progress.step >= total_steps
-            if save:
-                _report_with_checkpoint(session, engine, cfg, progress, metrics, zero_stage, base)
+            # Every checkpoint carries a validation: export picks the best checkpoint by it.
+            checkpoint_now = progress.step % schedule.checkpoint_every == 0 or progress.step >= schedule.total_steps
+            if validator is not None and (progress.step % schedule.val_every == 0 or checkpoint_now):
+                validation = _validate(validator, engine, decoder, cfg, device, collectives, progress, schedule)
+                if rank == 0:
+                    _log_validation(tracker, run_dir, validation)
+            if checkpoint_now or progress.stopped_early:
+                _report_with_checkpoint(session, engine, cfg, progress, metrics, validation, zero_stage, base)
                 last_ckpt = progress.step
                 if rank == 0:
                     run_files.push(location)
             elif progress.step % t.log_every == 0:
                 session.report(metrics, None, progress.step)
             window_start = time.perf_counter()
-        if progress.step >= total_steps:
+        if finished():
             break
-        if not consumed_any:
+        if not consumed_any and skip == 0:
             raise RuntimeError("the training data yielded no batches")
         progress.epoch += 1
         progress.batches_in_epoch = 0
-        if replay is None and recorded and recorded[-1] is not _TOO_BIG:
-            replay = recorded  # the data is not shuffled, so every epoch yields the same batches
 
     if progress.step > 0 and last_ckpt != progress.step:
-        # Data ran out before the estimated step count: the final state still gets its checkpoint.
-        _report_with_checkpoint(session, engine, cfg, progress, metrics, zero_stage, base)
+        # The epochs ran out before the planned step count: the final state still gets validated and saved.
+        if validator is not None and validation.get("step") != progress.step:
+            validation = _validate(validator, engine, decoder, cfg, device, collectives, progress, schedule)
+            if rank == 0:
+                _log_validation(tracker, run_dir, validation)
+        _report_with_checkpoint(session, engine, cfg, progress, metrics, validation, zero_stage, base)
     if bar is not None:
         bar.close()
     if tracker is not None:
-        tracker.log_summary({**metrics, "rows": progress.rows, "tokens": progress.tokens, "truncated": progress.truncated})
+        summary = {**metrics, "rows": progress.rows, "tokens": progress.tokens, "truncated": progress.truncated,
+                   "bad_rows": progress.bad_rows}
+        summary.update({f"val_{k}": v for k, v in _flat_validation(validation).items()})
+        tracker.log_summary(summary)
         tracker.close()
     plot = _plot(run_dir) if rank == 0 else None
     if rank == 0:
         run_files.push(location)
     return {"resumed_from": resumed_from, "progress": asdict(progress), "metrics": metrics,
-            "plot": str(plot) if plot else None}
+            "validation": validation, "plot": str(plot) if plot else None}
 
 
-def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Progress, metrics, zero_stage, base
-                            ) -> None:
+def _collate(batch: dict[str, Any], pad_id: int):
+    if len(batch["input_ids"]) == 0:
+        # Every row of this micro-batch was skipped; the step still runs (ranks step together, and ZeRO
+        # needs every rank in backward), on one padding token with no labels: zero loss, zero gradients.
+        return collate([[pad_id]], [[IGNORE_INDEX]], pad_id)
+    return collate(batch["input_ids"], batch["labels"], pad_id)
+
+
+class _Validator:
+    """This rank's share of the validation rows, tokenized once, in the same number of batches on every rank
+    (ZeRO-3 gathers parameters inside forward, so every rank must run every forward)."""
+
+    def __init__(self, cfg: Config, plan: DataPlan, reader, rank: int, world: int, pad_id: int):
+        import math
+
+        t = cfg.train
+        rows = validation_rows(plan, reader)
+        mine = rows[rank::world]
+        per_rank = math.ceil(len(rows) / world)
+        self.num_batches = math.ceil(per_rank / t.batch_size)
+        tokenized = tokenize_batch(plan_columns(mine or rows[:1]), cfg.model, t.max_length)
+        ids, labels = list(tokenized["input_ids"]), list(tokenized["labels"])
+        self.batches = []
+        for i in range(self.num_batches):
+            chunk = slice(i * t.batch_size, (i + 1) * t.batch_size)
+            if mine and ids[chunk]:
+                self.batches.append((collate(ids[chunk], labels[chunk], pad_id), True))
+            else:  # nothing left on this rank: a forward that counts for nothing
+                self.batches.append((collate([[pad_id]], [[IGNORE_INDEX]], pad_id), False))
+        self.rows = len(rows)
+
+
+def _validate(validator: _Validator, engine, decoder, cfg: Config, device, collectives: Collectives,
+              progress: Progress, schedule: Schedule) -> dict[str, Any]:
+    """Teacher-forced per-head top-1 on the validation rows, its expected acceptance, early-stopping state."""
+    import torch
+
+    t = cfg.train
+    stats = torch.zeros(t.medusa_num_heads, 2 + t.topk, dtype=torch.float64)
+    dtype = next(engine.module.parameters()).dtype
+    with torch.no_grad():
+        for (ids, mask, labels), counts in validator.batches:
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.to(dtype)
+            _, batch_stats = engine(hidden, labels=labels, head_decay=t.head_decay, topk=t.topk,
+                                    chunk_tokens=t.logits_chunk_tokens)
+            if counts:
+                stats += batch_stats.detach().to("cpu", torch.float64)
+    summed = torch.tensor(collectives.sum(stats.flatten().tolist()), dtype=torch.float64).view_as(stats)
+    per_head = step_metrics(summed, t.head_decay, t.topk)
+    top1 = [per_head[f"medusa{k}_top1"] for k in range(t.medusa_num_heads)]
+    ea = expected_acceptance(top1)
+    if ea > progress.best_val:
+        progress.best_val, progress.best_step, progress.since_best = ea, progress.step, 0
+    else:
+        progress.since_best += 1
+    if (schedule.early_stopping and progress.step >= schedule.min_steps
+            and progress.since_best >= schedule.patience):
+        progress.stopped_early = True
+    return {"step": progress.step, "expected_acceptance": ea, "top1": top1,
+            "loss": [per_head[f"medusa{k}_loss"] for k in range(t.medusa_num_heads)],
+            "rows": validator.rows, "best_step": progress.best_step, "best_expected_acceptance": progress.best_val}
+
+
+def _flat_validation(validation: dict[str, Any]) -> dict[str, float]:
+    if not validation:
+        return {}
+    out = {"expected_acceptance": validation["expected_acceptance"]}
+    for k, (top1, loss) in enumerate(zip(validation["top1"], validation["loss"])):
+        out[f"medusa{k}_top1"] = top1
+        out[f"medusa{k}_loss"] = loss
+    return out
+
+
+def _log_validation(tracker, run_dir: Path, validation: dict[str, Any]) -> None:
+    with open(run_dir / "validation.jsonl", "a") as f:
+        f.write(json.dumps(validation) + "\n")
+    if tracker is not None:
+        tracker.log_metrics(_flat_validation(validation), step=validation["step"], prefix="val/")
+
+
+def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Progress, metrics, validation,
+                            zero_stage, base) -> None:
     """Every rank writes its DeepSpeed shard; Ray Train merges the ranks' directories into one checkpoint."""
     rank, world = session.rank, session.world
     tmp = Path(tempfile.mkdtemp(prefix=f"medusa-ckpt-r{rank}-"))
@@ -473,12 +576,17 @@ def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Pro
                 "world_size": world,
                 "config": cfg.to_dict(),
                 "metrics": metrics,
+                "validation": validation or None,
                 "data": {"rows": progress.rows, "tokens": progress.tokens, "source": cfg.train_data,
-                         "truncated": progress.truncated, "epoch": progress.epoch},
+                         "truncated": progress.truncated, "epoch": progress.epoch, "bad_rows": progress.bad_rows,
+                         "bad_examples": progress.bad_examples},
                 "base_architectures": list(getattr(base.config, "architectures", None) or []),
             }
             (tmp / checkpoints.META_FILE).write_text(json.dumps(meta, indent=2))
-        session.report(metrics, tmp, progress.step)
+        reported = dict(metrics)
+        if validation:
+            reported["val_expected_acceptance"] = validation["expected_acceptance"]
+        session.report(reported, tmp, progress.step)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -494,6 +602,11 @@ def _plot(run_dir: Path) -> Path | None:
     except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
         log.warning("could not plot head losses: %s", exc)
         return None
+
+
+def _record_rows(directory: str, rank: int, step: int, batch: dict[str, Any]) -> None:
+    with open(Path(directory) / f"rank-{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "ids": [str(i) for i in batch["id"]]}) + "\n")
 
 
 def _fail_once(run_dir: Path, step: int) -> None:

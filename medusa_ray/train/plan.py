@@ -1,0 +1,176 @@
+"""Which rows train and which validate, and in what order each rank reads them: decided up front, reproducibly.
+
+The driver reads only the ``id`` column of the distilled Parquet. It drops repeated ids, holds back a
+validation share chosen by a seeded hash of the id, and cuts the training rows into *units*: up to
+``UNIT_ROWS`` rows of one Parquet row group. Every epoch the units are shuffled with ``(seed, epoch)``,
+dealt round-robin to the ranks, and each unit's rows are shuffled too. A rank's row order is therefore a
+pure function of ``(seed, epoch, rank, world)``: a resumed run recomputes it and skips exactly the batches its
+checkpoint had consumed, so no row is trained twice or skipped. Ray Data's streaming split cannot promise
+that (it hands blocks to whichever worker asks first), which is why the workers read their units themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+UNIT_ROWS = 64
+COLUMNS = ("id", "messages", "mode")
+
+
+@dataclass(frozen=True)
+class Unit:
+    file: str
+    row_group: int
+    rows: tuple[int, ...]
+    """Row indices within the row group."""
+
+
+@dataclass
+class DataPlan:
+    train: list[Unit]
+    val: list[Unit]
+    train_rows: int
+    val_rows: int
+    duplicates: int = 0
+    """Rows dropped because their id repeats an earlier row's."""
+    columns: list[str] = field(default_factory=lambda: list(COLUMNS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DataPlan":
+        units = lambda items: [Unit(u["file"], int(u["row_group"]), tuple(u["rows"])) for u in items]  # noqa: E731
+        return cls(units(data["train"]), units(data["val"]), int(data["train_rows"]), int(data["val_rows"]),
+                   int(data.get("duplicates", 0)), list(data.get("columns", COLUMNS)))
+
+
+def validation_size(rows: int, fraction: float, floor: int, cap: int) -> int:
+    """``fraction`` of the rows, at least ``floor`` and at most ``cap``, never more than a tenth of them."""
+    if fraction <= 0 or rows < 10:
+        return 0
+    return max(0, min(max(round(rows * fraction), floor), rows // 10, cap))
+
+
+def _key(seed: int, row_id: str) -> bytes:
+    return hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
+
+
+def make_plan(files: list[str], seed: int, val_fraction: float, val_min: int, val_max: int) -> DataPlan:
+    """Read the ids, split validation from training, cut units (see the module docstring)."""
+    import pyarrow.parquet as pq
+
+    seen: set[str] = set()
+    rows: list[tuple[str, int, int, str]] = []  # (file, row group, index, id), first occurrence of each id
+    duplicates = 0
+    for f in files:
+        pf = pq.ParquetFile(f)
+        has_id = "id" in pf.schema_arrow.names
+        for rg in range(pf.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            ids = pf.read_row_group(rg, columns=["id"]).column("id").to_pylist() if has_id else [None] * n
+            for i, row_id in enumerate(ids):
+                row_id = str(row_id) if row_id is not None else f"{f}#{rg}:{i}"
+                if row_id in seen:
+                    duplicates += 1
+                    continue
+                seen.add(row_id)
+                rows.append((f, rg, i, row_id))
+    n_val = validation_size(len(rows), val_fraction, val_min, val_max)
+    val_ids = {r[3] for r in sorted(rows, key=lambda r: _key(seed, r[3]))[:n_val]}
+    train = [r for r in rows if r[3] not in val_ids]
+    val = [r for r in rows if r[3] in val_ids]
+    return DataPlan(_units(train), _units(val), len(train), len(val), duplicates)
+
+
+def _units(rows: list[tuple[str, int, int, str]]) -> list[Unit]:
+    units: list[Unit] = []
+    group: list[int] = []
+    key = None
+    for f, rg, i, _ in rows + [("", -1, -1, "")]:
+        if (f, rg) != key or len(group) == UNIT_ROWS:
+            if group:
+                units.append(Unit(key[0], key[1], tuple(group)))
+            group, key = [], (f, rg)
+        group.append(i)
+    return units
+
+
+def epoch_units(plan: DataPlan, seed: int, epoch: int, rank: int, world: int) -> list[tuple[Unit, list[int]]]:
+    """This rank's units for ``epoch`` in reading order, each with its rows in reading order."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(plan.train))
+    mine = []
+    for position in order[rank::world]:
+        unit = plan.train[int(position)]
+        rows = list(unit.rows)
+        np.random.default_rng([seed, epoch, int(position)]).shuffle(rows)
+        mine.append((unit, rows))
+    return mine
+
+
+class RowReader:
+    """Reads rows of the planned files, keeping the last few row groups (units of one group come together)."""
+
+    def __init__(self, columns: list[str], cache: int = 4):
+        self.columns = columns
+        self.cache_size = cache
+        self._cache: dict[tuple[str, int], Any] = {}
+
+    def rows(self, unit: Unit, indices: list[int]) -> list[dict[str, Any]]:
+        import pyarrow.parquet as pq
+
+        key = (unit.file, unit.row_group)
+        table = self._cache.pop(key, None)
+        if table is None:
+            pf = pq.ParquetFile(unit.file)
+            cols = [c for c in self.columns if c in pf.schema_arrow.names]
+            table = pf.read_row_group(unit.row_group, columns=cols)
+        self._cache[key] = table
+        while len(self._cache) > self.cache_size:
+            self._cache.pop(next(iter(self._cache)))
+        picked = table.take(indices).to_pylist()
+        for row, i in zip(picked, indices):
+            row.setdefault("id", f"{unit.file}#{unit.row_group}:{i}")
+        return picked
+
+
+def batches(units: list[tuple[Unit, list[int]]], reader: RowReader, batch_size: int, skip: int = 0
+            ) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of ``batch_size`` rows (columns as object arrays) across units, after skipping ``skip`` batches
+    without reading the units they cover."""
+    skip_rows = skip * batch_size
+    pending: list[dict[str, Any]] = []
+    for unit, rows in units:
+        if skip_rows >= len(rows):
+            skip_rows -= len(rows)
+            continue
+        pending.extend(reader.rows(unit, rows[skip_rows:]))
+        skip_rows = 0
+        while len(pending) >= batch_size:
+            yield _columns(pending[:batch_size])
+            pending = pending[batch_size:]
+    if pending:
+        yield _columns(pending)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    out = {}
+    for key in rows[0]:
+        column = np.empty(len(rows), dtype=object)
+        for i, row in enumerate(rows):
+            column[i] = row[key]
+        out[key] = column
+    return out
+
+
+def validation_rows(plan: DataPlan, reader: RowReader) -> list[dict[str, Any]]:
+    """Every validation row, in plan order (each rank then takes its share)."""
+    out = []
+    for unit in plan.val:
+        out.extend(reader.rows(unit, list(unit.rows)))
+    return out
