@@ -207,7 +207,9 @@ def test_model_card_describes_the_run(exported, trained):
     assert "share_lm_head" in share_card and "copy" in share_card
 
 
-def test_default_checkpoint_is_the_latest_of_the_run(trained, tmp_path):
+def test_default_checkpoint_is_the_run_s_best(trained, tmp_path):
+    # One checkpoint per run here (checkpoint_every=1000): the best is the final one. Which of several is the
+    # best is tested in test_train.py.
     from medusa_ray import export
 
     cfg, result = trained["z3w1"]

@@ -73,7 +73,8 @@ def _cfg(model, data, storage, run_name, *overrides):
 
 def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, random_tiny_model, distilled, tmp_path):
     cfg = _cfg(random_tiny_model, distilled, tmp_path, "fault", "train.zero_stage=2", "train.max_steps=20",
-               "train.checkpoint_every=5", "train.keep_checkpoints=2", "train.fail_at_step=8", "train.max_failures=1")
+               "train.checkpoint_every=5", "train.val_every=5", "train.keep_checkpoints=2", "train.fail_at_step=8",
+               "train.max_failures=1")
     result = run(cfg)
 
     # Rank 0 raised at step 8; Ray Train restarted the workers from the step-5 checkpoint and finished.
@@ -211,11 +212,29 @@ def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_sessio
     (straight, straight_rows), (resumed, resumed_rows) = runs["straight"], runs["interrupted"]
     assert resumed.resumed_from == 6 and straight.global_step == resumed.global_step == 40
     assert resumed_rows == straight_rows
-    # Within an epoch (236 training rows, about 118 per rank) no row comes twice; 40 steps run into the next.
-    first = [i for (rank, step), batch in straight_rows.items() if step <= 14 for i in batch]
-    assert len(first) == 14 * 2 * 4 == len(set(first))
-    assert sum(len(b) for b in straight_rows.values()) == 320 > len({i for b in straight_rows.values() for i in b})
+    # Within an epoch (219 training rows: 256, less 17 repeated ids and 20 for validation) no row comes twice;
+    # 40 steps of 2 x 4 rows run into the next epoch, which repeats rows.
+    first = [i for (rank, step), batch in straight_rows.items() if step <= 13 for i in batch]
+    assert len(first) == 13 * 2 * 4 == len(set(first))
+    assert sum(len(b) for b in straight_rows.values()) > len({i for b in straight_rows.values() for i in b})
     a = consolidate(Path(straight.checkpoint), read_meta(Path(straight.checkpoint)))
     b = consolidate(Path(resumed.checkpoint), read_meta(Path(resumed.checkpoint)))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_export_without_checkpoint_picks_the_best_validated_one(random_tiny_model, tmp_path, capsys):
+    from medusa_ray.export import _checkpoint_path
+
+    names = []
+    for step, score in ((3, 2.4), (6, 2.1)):  # the later checkpoint validated worse
+        ckpt = tmp_path / "best" / checkpoints.checkpoint_dir_name(step)
+        (ckpt / "deepspeed").mkdir(parents=True)
+        meta = {"format": checkpoints.META_FORMAT, "global_step": step, "validation": {"expected_acceptance": score}}
+        (ckpt / checkpoints.META_FILE).write_text(json.dumps(meta))
+        names.append(ckpt.name)
+    register_checkpoints(tmp_path / "best", names)
+    cfg = _cfg(random_tiny_model, tmp_path, tmp_path, "best")
+    assert _checkpoint_path(cfg, None) == str(tmp_path / "best" / names[0])
+    assert "exporting step 3 of run 'best': best validation expected acceptance 2.400 of 2 checkpoint(s)" in \
+        capsys.readouterr().out
