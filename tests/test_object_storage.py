@@ -33,13 +33,19 @@ def _cli(args: list[str], env_extra: dict, cwd: Path) -> subprocess.CompletedPro
                           text=True, timeout=600)
 
 
-def test_train_resume_and_export_on_s3(s3_env, random_tiny_model, tmp_path):
+def test_train_resume_and_export_on_s3(s3_env, random_tiny_model, tmp_path, monkeypatch):
     data = write_distill_parquet(tmp_path / "distilled", n=64, model="tiny")
     storage = f"s3://{BUCKET}/runs"
     common = [f"model={random_tiny_model}", f"train.data={data}", f"train.storage_path={storage}",
               "train.run_name=s3run", "train.num_workers=1", "train.zero_stage=2", "train.batch_size=4",
               "train.max_length=128", "train.warmup_steps=0", "train.checkpoint_every=2",
               "train.tracking=[tensorboard]", "ray.num_cpus=4"]
+    # A stale mirror left on this node by an earlier run of the same name must not leak into this one.
+    from medusa_ray.train import run_files
+
+    stale = run_files.local_dir(f"{storage}/s3run")
+    stale.mkdir(parents=True, exist_ok=True)
+    (stale / "metrics.jsonl").write_text('{"step": 99}\n')
     first = _cli(["train", *common, "train.max_steps=4"], s3_env, tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
     assert "resuming" not in first.stdout
@@ -67,12 +73,20 @@ def test_train_resume_and_export_on_s3(s3_env, random_tiny_model, tmp_path):
         steps = [json.loads(line)["step"] for line in f.read().decode().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
-    # Export without --checkpoint picks the run's latest checkpoint from the bucket.
+    # Export without --checkpoint picks the run's best validated checkpoint from the bucket, and says which.
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    from medusa_ray.train.checkpoints import best_checkpoint, run_checkpoints
+
+    found = run_checkpoints(storage, "s3run")
+    assert found[-1].step == 6 and all(c.uri.startswith(f"{storage}/s3run/checkpoint_step") for c in found)
+    best = best_checkpoint(found)
     out = tmp_path / "export"
     exported = _cli(["export", *common, f"export.output_dir={out}"], s3_env, tmp_path)
     assert exported.returncode == 0, exported.stderr[-4000:]
+    assert f"exporting step {best.step} of run 's3run': best validation expected acceptance" in exported.stdout
     marker = json.loads((out / "medusa_ray_export.json").read_text())
-    assert marker["source"] == {"checkpoint": f"{storage}/s3run/checkpoint_step00000006", "global_step": 6}
+    assert marker["source"] == {"checkpoint": best.uri, "global_step": best.step}
     assert (out / "medusa_lm_head.safetensors").stat().st_size > 0
 
 

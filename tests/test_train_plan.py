@@ -55,3 +55,12 @@ def test_skipping_batches_continues_exactly_where_an_epoch_stopped(tmp_path):
     full = _epoch(plan, 0, 2, 1, 2)
     for skip in (0, 1, 5, len(full) - 1, len(full)):
         assert _epoch(plan, 0, 2, 1, 2, skip=skip) == full[skip:]
+
+
+def test_a_single_small_row_group_still_feeds_every_rank(tmp_path):
+    table = pa.table({"id": [f"r{i}" for i in range(44)], "messages": [[{"role": "user", "content": "x"}]] * 44,
+                      "mode": ["chat"] * 44})
+    pq.write_table(table, tmp_path / "one.parquet")
+    plan = make_plan([str(tmp_path / "one.parquet")], seed=0, val_fraction=0.0, val_min=1, val_max=1, world=2)
+    sizes = [sum(len(b) for b in _epoch(plan, 0, 0, rank, 2)) for rank in range(2)]
+    assert sum(sizes) == 44 and min(sizes) >= 15  # units of 5 rows: 5 units to one rank, 4 to the other

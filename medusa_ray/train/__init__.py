@@ -74,7 +74,7 @@ def run(cfg: Config) -> TrainResult:
 
     from medusa_ray.train.plan import make_plan
 
-    plan = make_plan(files, t.seed, t.val_fraction, t.val_min_rows, t.val_max_rows)
+    plan = make_plan(files, t.seed, t.val_fraction, t.val_min_rows, t.val_max_rows, world=t.num_workers)
     if plan.train_rows == 0:
         raise UserError(f"train data {cfg.train_data} has no rows")
     if plan.duplicates:

@@ -2,7 +2,7 @@
 
 The driver reads only the ``id`` column of the distilled Parquet. It drops repeated ids, holds back a
 validation share chosen by a seeded hash of the id, and cuts the training rows into *units*: up to
-``UNIT_ROWS`` rows of one Parquet row group. Every epoch the units are shuffled with ``(seed, epoch)``,
+``UNIT_ROWS`` rows of one Parquet row group (fewer for small data, so every rank gets several). Every epoch the units are shuffled with ``(seed, epoch)``,
 dealt round-robin to the ranks, and each unit's rows are shuffled too. A rank's row order is therefore a
 pure function of ``(seed, epoch, rank, world)``: a resumed run recomputes it and skips exactly the batches its
 checkpoint had consumed, so no row is trained twice or skipped. Ray Data's streaming split cannot promise
@@ -60,8 +60,10 @@ def _key(seed: int, row_id: str) -> bytes:
     return hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
 
 
-def make_plan(files: list[str], seed: int, val_fraction: float, val_min: int, val_max: int) -> DataPlan:
-    """Read the ids, split validation from training, cut units (see the module docstring)."""
+def make_plan(files: list[str], seed: int, val_fraction: float, val_min: int, val_max: int, world: int = 1
+              ) -> DataPlan:
+    """Read the ids, split validation from training, cut units (see the module docstring): small enough that
+    each of ``world`` ranks gets several, so a small shard is not all dealt to one rank."""
     import pyarrow.parquet as pq
 
     seen: set[str] = set()
@@ -84,15 +86,16 @@ def make_plan(files: list[str], seed: int, val_fraction: float, val_min: int, va
     val_ids = {r[3] for r in sorted(rows, key=lambda r: _key(seed, r[3]))[:n_val]}
     train = [r for r in rows if r[3] not in val_ids]
     val = [r for r in rows if r[3] in val_ids]
-    return DataPlan(_units(train), _units(val), len(train), len(val), duplicates)
+    size = max(1, min(UNIT_ROWS, len(train) // (4 * world)))
+    return DataPlan(_units(train, size), _units(val, UNIT_ROWS), len(train), len(val), duplicates)
 
 
-def _units(rows: list[tuple[str, int, int, str]]) -> list[Unit]:
+def _units(rows: list[tuple[str, int, int, str]], size: int) -> list[Unit]:
     units: list[Unit] = []
     group: list[int] = []
     key = None
     for f, rg, i, _ in rows + [("", -1, -1, "")]:
-        if (f, rg) != key or len(group) == UNIT_ROWS:
+        if (f, rg) != key or len(group) == size:
             if group:
                 units.append(Unit(key[0], key[1], tuple(group)))
             group, key = [], (f, rg)

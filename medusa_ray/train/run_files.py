@@ -18,7 +18,8 @@ from medusa_ray.train.checkpoints import is_remote, join
 log = logging.getLogger(__name__)
 
 # Everything medusa-ray writes into a run directory (Ray Train's own files and checkpoints excluded).
-RUN_FILES = ("tracking.json", "metrics.jsonl", "head_losses.png", "tensorboard", "wandb", "mlruns")
+RUN_FILES = ("tracking.json", "metrics.jsonl", "validation.jsonl", "head_losses.png", "tensorboard", "wandb",
+             "mlruns")
 FAIL_MARKER_PREFIX = ".fail_at_step_"
 
 
@@ -41,14 +42,30 @@ def pull(location: str) -> Path:
     local.mkdir(parents=True, exist_ok=True)
     if not is_remote(location):
         return local
+    import shutil
+
     import pyarrow.fs
 
+    # The mirror holds exactly what the storage holds: anything left from an earlier run of the same name on
+    # this node (whose storage was since deleted) would otherwise be appended to and uploaded again.
+    for name in RUN_FILES:
+        stale = local / name
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
     fs, root = pyarrow.fs.FileSystem.from_uri(location)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    for info in infos:
-        name = info.base_name
-        if name in RUN_FILES or name.startswith(FAIL_MARKER_PREFIX):
-            pyarrow.fs.copy_files(join(location, name), str(local / name))
+    for top in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        if not (top.base_name in RUN_FILES or top.base_name.startswith(FAIL_MARKER_PREFIX)):
+            continue
+        files = [top] if top.type == pyarrow.fs.FileType.File else [
+            i for i in fs.get_file_info(pyarrow.fs.FileSelector(top.path, recursive=True))
+            if i.type == pyarrow.fs.FileType.File]
+        for info in files:
+            dest = local / info.path[len(root):].lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out)
     return local
 
 

@@ -28,7 +28,7 @@ from medusa_ray.train.plan import batches as plan_batches
 
 log = logging.getLogger(__name__)
 
-FAIL_MARKER = ".fail_at_step_{step}.done"  # run_files.FAIL_MARKER_PREFIX
+FAIL_MARKER = ".fail_at_step_{step}.done"  # starts with run_files.FAIL_MARKER_PREFIX: mirrored with the run
 
 
 @dataclass
