@@ -114,10 +114,6 @@ def best_checkpoint(found: list[CheckpointInfo]) -> CheckpointInfo | None:
     return max(scored, key=lambda c: (validation_score(c), c.step))
 
 
-def find_best_checkpoint(storage_path: str, run_name: str) -> CheckpointInfo | None:
-    return best_checkpoint(run_checkpoints(storage_path, run_name))
-
-
 def find_latest_checkpoint(storage_path: str, run_name: str) -> str | None:
     """The registered checkpoint with the highest global step of run ``run_name``, or None."""
     found = run_checkpoints(storage_path, run_name)
