@@ -155,13 +155,13 @@ def batches(units: list[tuple[Unit, list[int]]], reader: RowReader, batch_size: 
         pending.extend(reader.rows(unit, rows[skip_rows:]))
         skip_rows = 0
         while len(pending) >= batch_size:
-            yield _columns(pending[:batch_size])
+            yield to_columns(pending[:batch_size])
             pending = pending[batch_size:]
     if pending:
-        yield _columns(pending)
+        yield to_columns(pending)
 
 
-def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     out = {}
     for key in rows[0]:
         column = np.empty(len(rows), dtype=object)

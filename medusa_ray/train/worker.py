@@ -23,7 +23,7 @@ from medusa_ray.train import checkpoints
 from medusa_ray.model.loss import IGNORE_INDEX
 from medusa_ray.train.data import BadRowError, collate, tokenize_batch
 from medusa_ray.train.plan import DataPlan, RowReader, epoch_units, validation_rows
-from medusa_ray.train.plan import _columns as plan_columns
+from medusa_ray.train.plan import to_columns
 from medusa_ray.train.plan import batches as plan_batches
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,8 @@ def step_metrics(stats, head_decay: float, topk: int) -> dict[str, float]:
     return out
 
 
-def forward_backward(engine, decoder, batch, cfg: Config, device):
-    """One micro-step: base hidden states (no grad), heads' loss, DeepSpeed backward + step."""
+def heads_loss(engine, decoder, batch, cfg: Config, device):
+    """The heads' loss and per-head stats on one batch; the frozen base runs without gradients."""
     import torch
 
     ids, mask, labels = (x.to(device) for x in batch)
@@ -194,6 +194,12 @@ def forward_backward(engine, decoder, batch, cfg: Config, device):
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.to(dtype)
     t = cfg.train
     loss, stats = engine(hidden, labels=labels, head_decay=t.head_decay, topk=t.topk, chunk_tokens=t.logits_chunk_tokens)
+    return loss, stats, mask
+
+
+def forward_backward(engine, decoder, batch, cfg: Config, device):
+    """One micro-step: heads' loss, DeepSpeed backward + step."""
+    loss, stats, mask = heads_loss(engine, decoder, batch, cfg, device)
     engine.backward(loss)
     lr = float(engine.get_lr()[0])  # the rate this update uses (after step() it is the next one's)
     engine.step()
@@ -488,7 +494,7 @@ class _Validator:
         mine = rows[rank::world]
         per_rank = math.ceil(len(rows) / world)
         self.num_batches = math.ceil(per_rank / t.batch_size)
-        tokenized = tokenize_batch(plan_columns(mine or rows[:1]), cfg.model, t.max_length)
+        tokenized = tokenize_batch(to_columns(mine or rows[:1]), cfg.model, t.max_length)
         ids, labels = list(tokenized["input_ids"]), list(tokenized["labels"])
         self.batches = []
         for i in range(self.num_batches):
@@ -507,13 +513,9 @@ def _validate(validator: _Validator, engine, decoder, cfg: Config, device, colle
 
     t = cfg.train
     stats = torch.zeros(t.medusa_num_heads, 2 + t.topk, dtype=torch.float64)
-    dtype = next(engine.module.parameters()).dtype
     with torch.no_grad():
-        for (ids, mask, labels), counts in validator.batches:
-            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.to(dtype)
-            _, batch_stats = engine(hidden, labels=labels, head_decay=t.head_decay, topk=t.topk,
-                                    chunk_tokens=t.logits_chunk_tokens)
+        for batch, counts in validator.batches:
+            _, batch_stats, _ = heads_loss(engine, decoder, batch, cfg, device)
             if counts:
                 stats += batch_stats.detach().to("cpu", torch.float64)
     summed = torch.tensor(collectives.sum(stats.flatten().tolist()), dtype=torch.float64).view_as(stats)
