@@ -51,8 +51,9 @@ def _reset_peak() -> bool:
 
 
 def _batches(tokenizer_dir: str, n_batches: int, batch_size: int, max_length: int):
+    from medusa_ray.data.chat import load_tokenizer, tokenize_messages
     from medusa_ray.tiny import corpus
-    from medusa_ray.train.data import collate, load_tokenizer, tokenize_messages
+    from medusa_ray.train.data import collate
 
     tok = load_tokenizer(tokenizer_dir)
     convs = corpus.conversations(n_batches * batch_size, seed=3, max_user_turns=4)

@@ -14,7 +14,7 @@ import torch
 
 from medusa_ray.config import build_config
 from medusa_ray.errors import UserError
-from medusa_ray.evaluate.prompts import load_prompts
+from medusa_ray.data import read_prompts
 
 CONV = [
     {"role": "system", "content": "Answer briefly."},
@@ -27,14 +27,20 @@ CONV = [
 
 def test_prompts_are_the_turns_before_the_first_answer(tmp_path):
     jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text(json.dumps({"messages": CONV}) + "\n\n" + json.dumps(CONV[1:3]) + "\n")
-    assert load_prompts(str(jsonl), 10) == [CONV[:2], [CONV[1]]]
-    assert load_prompts(str(jsonl), 1) == [CONV[:2]]
+    jsonl.write_text(json.dumps({"messages": CONV}) + "\n\n" + json.dumps({"messages": CONV[1:3]}) + "\n")
+    assert read_prompts(str(jsonl), 10) == [CONV[:2], [CONV[1]]]
+    assert read_prompts(str(jsonl), 1) == [CONV[:2]]
 
+    # Eval reads prompts as distill does: every ShareGPT speaker distill accepts, "model" included.
     sharegpt = tmp_path / "s.json"
     sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"},
-                                                       {"from": "gpt", "value": "hello"}]}]))
-    assert load_prompts(str(sharegpt), 10) == [[{"role": "user", "content": "hi"}]]
+                                                       {"from": "model", "value": "hello"}]}]))
+    assert read_prompts(str(sharegpt), 10) == [[{"role": "user", "content": "hi"}]]
+    # A bare prompt row is a one-turn chat, or raw text when the run distils in completion mode.
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"prompt": "Once upon"}) + "\n")
+    assert read_prompts(str(bare), 10) == [[{"role": "user", "content": "Once upon"}]]
+    assert read_prompts(str(bare), 10, mode="completion") == ["Once upon"]
 
 
 def test_distilled_parquet_prompts_keep_their_mode(tmp_path):
@@ -45,20 +51,25 @@ def test_distilled_parquet_prompts_keep_their_mode(tmp_path):
             {"messages": [{"role": "user", "content": "Once upon"}, {"role": "assistant", "content": " a time"}],
              "mode": "completion"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "shard.parquet")
-    assert load_prompts(str(tmp_path), 10) == [CONV[:2], "Once upon"]
+    assert read_prompts(str(tmp_path), 10) == [CONV[:2], "Once upon"]
 
 
 def test_bad_prompt_files_name_the_place(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": CONV}) + "\n{oops\n")
     with pytest.raises(UserError, match="bad.jsonl:2: not valid JSON"):
-        load_prompts(str(bad), 10)
+        read_prompts(str(bad), 10)
     no_user = tmp_path / "no_user.jsonl"
     no_user.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
     with pytest.raises(UserError, match="no_user.jsonl:1: no user turn"):
-        load_prompts(str(no_user), 10)
+        read_prompts(str(no_user), 10)
+    late_user = tmp_path / "late_user.jsonl"
+    late_user.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"},
+                                                  {"role": "user", "content": "hello"}]}) + "\n")
+    with pytest.raises(UserError, match="late_user.jsonl:1: no user turn before the first assistant turn"):
+        read_prompts(str(late_user), 10)
     with pytest.raises(UserError, match="does not exist"):
-        load_prompts(str(tmp_path / "missing.jsonl"), 10)
+        read_prompts(str(tmp_path / "missing.jsonl"), 10)
 
 
 def _export_like(out: Path, base: Path, heads: int = 2) -> Path:
@@ -99,7 +110,7 @@ def test_head_accuracy_counts_assistant_targets(tmp_path, random_tiny_model):
     import pyarrow.parquet as pq
 
     from medusa_ray.evaluate.accuracy import head_accuracy, load_exported_heads
-    from medusa_ray.train.data import IGNORE_INDEX, load_tokenizer, tokenize_messages
+    from medusa_ray.data.chat import IGNORE_INDEX, load_tokenizer, tokenize_messages
 
     heads_dir = _export_like(tmp_path / "heads", random_tiny_model)
     data = tmp_path / "heldout"

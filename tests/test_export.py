@@ -330,7 +330,7 @@ def test_vllm_loads_export_and_trained_heads_beat_untrained(exported, trained, d
 
     from medusa_ray import evaluate
     from medusa_ray.evaluate import _engine_kwargs, _run_engine
-    from medusa_ray.evaluate.prompts import load_prompts
+    from medusa_ray.data import read_prompts
     from medusa_ray.model.heads import MedusaHeads
     from medusa_ray.tiny import corpus
 
@@ -365,7 +365,7 @@ def test_vllm_loads_export_and_trained_heads_beat_untrained(exported, trained, d
     fresh = MedusaHeads(3, 1, lm_head)
     save_file({k: v.contiguous() for k, v in fresh.state_dict().items()},
               str(untrained_dir / "medusa_lm_head.safetensors"))
-    prompts = load_prompts(str(prompts_file), 8)
+    prompts = read_prompts(str(prompts_file), 8)
     spec = {"method": "medusa", "model": str(untrained_dir), "num_speculative_tokens": 3}
     _, _, counters = _run_engine(str(tiny_model), prompts, 40, _engine_kwargs(cfg) | {"max_model_len": 256}, spec)
     untrained_len = 1 + counters["vllm:spec_decode_num_accepted_tokens"] / counters["vllm:spec_decode_num_drafts"]

@@ -5,14 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from medusa_ray.errors import UserError
-from medusa_ray.train.data import (
-    BadRowError,
-    check_schema,
-    list_data_files,
-    load_tokenizer,
-    tokenize_batch,
-    tokenize_messages,
-)
+from medusa_ray.data.chat import BadRowError, load_tokenizer, tokenize_messages
+from medusa_ray.train.data import check_schema, list_data_files, tokenize_batch
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from medusa_ray.config import build_config
+from medusa_ray.data.chat import load_tokenizer, tokenize_messages
 from medusa_ray.tiny import corpus
 from medusa_ray.train import worker
-from medusa_ray.train.data import collate, load_tokenizer, tokenize_messages
+from medusa_ray.train.data import collate
 
 
 @pytest.fixture(scope="module")

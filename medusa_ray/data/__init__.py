@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from medusa_ray.data.chat import Prompt, first_prompt
 from medusa_ray.errors import UserError
 
 FORMATS = ("sharegpt", "jsonl", "parquet", "hf")
@@ -44,6 +45,8 @@ class Conversation:
     messages: list[dict[str, str]]
     source: str
     """Where the record came from: ``file:line`` or ``file[row N]``."""
+    mode: str | None = None
+    """``chat`` or ``completion`` when the record says (distilled Parquet does); None: the config decides."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,8 @@ def _iter_parquet(path: Path):
         except Exception as exc:
             raise UserError(f"{file}: not a readable Parquet file: {exc}") from None
         columns = [c for c in ("messages", "conversations", "prompt") if c in pf.schema_arrow.names]
+        if columns and "mode" in pf.schema_arrow.names:
+            columns.append("mode")
         if not columns:
             raise UserError(f"{file}: no 'messages' (or 'conversations'/'prompt') column; has {pf.schema_arrow.names}")
         offset = 0
@@ -281,5 +286,24 @@ def read_conversations(path: str | Path, fmt: str = "auto", limit: int | None = 
             result.duplicates += 1
             continue
         seen.add(cid)
-        result.conversations.append(Conversation(id=cid, messages=messages, source=loc))
+        mode = record.get("mode") if record.get("mode") in ("chat", "completion") else None
+        result.conversations.append(Conversation(id=cid, messages=messages, source=loc, mode=mode))
     return result
+
+
+def read_prompts(path: str | Path, limit: int, mode: str = "chat") -> list[Prompt]:
+    """The first ``limit`` prompts of any input distill reads: each conversation up to its first answer
+    (raw text for completion-mode rows). Records are read as distill reads them; a bad one is one line."""
+    result = read_conversations(path, limit=limit)
+    if result.invalid:
+        bad = result.invalid[0]
+        raise UserError(f"{bad.source}: {bad.reason}")
+    prompts: list[Prompt] = []
+    for conversation in result.conversations:
+        try:
+            prompts.append(first_prompt(conversation.messages, conversation.mode or mode))
+        except ValueError as exc:
+            raise UserError(f"{conversation.source}: {exc}") from None
+    if not prompts:
+        raise UserError(f"prompts file {path} holds no prompts")
+    return prompts

@@ -21,7 +21,8 @@ from typing import Any
 
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
-from medusa_ray.evaluate.prompts import Prompt, load_prompts
+from medusa_ray.data import read_prompts
+from medusa_ray.data.chat import Prompt
 
 __all__ = ["run"]
 
@@ -199,7 +200,7 @@ def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool) 
     k = cfg.eval.num_speculative_tokens or int(config["medusa_num_heads"])
     # --model wins; otherwise the base the heads were exported for.
     base = cfg.model if "model" in cfg.model_fields_set else config.get("base_model_name_or_path") or cfg.model
-    prompts = load_prompts(cfg.eval.prompts, cfg.eval.num_prompts)
+    prompts = read_prompts(cfg.eval.prompts, cfg.eval.num_prompts, cfg.distill.mode)
 
     kwargs = _engine_kwargs(cfg)
     log.info("decoding %d prompts without Medusa", len(prompts))

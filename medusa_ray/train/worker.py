@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from medusa_ray.config import Config
+from medusa_ray.data.chat import IGNORE_INDEX, BadRowError
 from medusa_ray.train import checkpoints
-from medusa_ray.model.loss import IGNORE_INDEX
-from medusa_ray.train.data import BadRowError, collate, tokenize_batch
-from medusa_ray.train.plan import DataPlan, RowReader, epoch_units, validation_rows
-from medusa_ray.train.plan import to_columns
+from medusa_ray.train.data import collate, tokenize_batch
+from medusa_ray.train.plan import DataPlan, RowReader, epoch_units, to_columns, validation_rows
 from medusa_ray.train.plan import batches as plan_batches
 
 log = logging.getLogger(__name__)
