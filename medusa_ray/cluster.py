@@ -54,7 +54,7 @@ def run_task(fn, *args, name: str, num_cpus: float = 1, num_gpus: float = 0, **k
     """Run ``fn(*args, **kwargs)`` as a Ray task with these resources when Ray is up, else in this process.
 
     The driver of a job lives on the head node, which offers no CPUs and no GPU and has little memory: heavy
-    work (export's consolidation, eval's vLLM engines) goes to a worker node this way. A ``UserError`` raised
+    work (export's weights and base lm_head, eval's vLLM engines) goes to a worker node this way. A ``UserError`` raised
     in the task is raised here as itself, so the CLI still prints one line.
     """
     import ray

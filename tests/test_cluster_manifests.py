@@ -154,7 +154,8 @@ def test_every_kuberay_manifest_validates_against_its_crd():
             assert _crd_errors(doc) == [], f"{path.name} {doc['kind']}/{doc['metadata']['name']}"
         else:
             # Core objects beside them: only the kinds we mean to ship, each named.
-            assert (doc["apiVersion"], doc["kind"]) in {("v1", "PersistentVolumeClaim"), ("v1", "ConfigMap")}
+            assert (doc["apiVersion"], doc["kind"]) in {("v1", "PersistentVolumeClaim"), ("v1", "ConfigMap"),
+                                                        ("networking.k8s.io/v1", "NetworkPolicy")}
             assert _DNS1123.match(doc["metadata"]["name"])
 
 
@@ -221,6 +222,115 @@ def test_raycluster_has_cpu_head_and_autoscaled_gpu_workers():
         assert token["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
+# --- how the cluster is locked ---------------------------------------------------------------------------
+
+RAY_PORTS = {8265, 10001, 6379}
+
+
+def _pod_templates(docs: dict[str, dict]) -> dict[str, dict]:
+    spec = docs["RayCluster"]["spec"]
+    pods = {"head": spec["headGroupSpec"]["template"]}
+    pods.update({f"worker {g['groupName']}": g["template"] for g in spec["workerGroupSpecs"]})
+    pods["submitter"] = docs["RayJob"]["spec"].get("submitterPodTemplate") or {"spec": {"containers": [{}]}}
+    return pods
+
+
+def _hub_secret(container: dict) -> str | None:
+    for env in container.get("env") or []:
+        if env["name"] == "HF_TOKEN":
+            return env["valueFrom"]["secretKeyRef"]["name"]
+    return None
+
+
+def _kuberay_security_problems(docs: dict[str, dict]) -> list[str]:
+    """What an operator reviewing cluster/kuberay/ would flag; empty when the cluster is locked."""
+    problems = []
+    auth = docs["RayCluster"]["spec"].get("authOptions") or {}
+    if auth.get("mode") != "token" or not auth.get("secretName"):
+        problems.append("RayCluster: authOptions must be mode=token with a secretName")
+    pods = _pod_templates(docs)
+    for name, pod in pods.items():
+        pod_security = pod["spec"].get("securityContext") or {}
+        if pod_security.get("runAsNonRoot") is not True:
+            problems.append(f"{name}: pod securityContext.runAsNonRoot is not true")
+        for c in pod["spec"]["containers"]:
+            security = c.get("securityContext") or {}
+            if security.get("allowPrivilegeEscalation") is not False or security.get("privileged"):
+                problems.append(f"{name}: container may escalate privileges")
+            if "ALL" not in (security.get("capabilities") or {}).get("drop", []):
+                problems.append(f"{name}: container keeps its Linux capabilities")
+    submitter_env = {e["name"]: e for e in pods["submitter"]["spec"]["containers"][0].get("env") or []}
+    ref = (submitter_env.get("RAY_AUTH_TOKEN") or {}).get("valueFrom", {}).get("secretKeyRef", {})
+    if (ref.get("name"), ref.get("key")) != (auth.get("secretName"), "auth_token"):
+        problems.append("RayJob submitter: RAY_AUTH_TOKEN does not come from the cluster's auth Secret")
+    # Hub tokens: write access only where the driver pushes (the head), read-only on workers, none elsewhere.
+    head_secret = _hub_secret(pods["head"]["spec"]["containers"][0])
+    for name, pod in pods.items():
+        secret = _hub_secret(pod["spec"]["containers"][0])
+        if name.startswith("worker") and (secret is None or secret == head_secret):
+            problems.append(f"{name}: HF_TOKEN must be the read-only token, not the head's")
+        if name == "submitter" and secret is not None:
+            problems.append("submitter: holds a Hub token it never uses")
+    # The NetworkPolicy: Ray's ports only from inside the namespace.
+    policy = docs.get("NetworkPolicy")
+    labels = docs["RayCluster"]["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    if policy is None:
+        return problems + ["no NetworkPolicy"]
+    selector = policy["spec"]["podSelector"].get("matchLabels", {})
+    if not selector or any(labels.get(k) != v for k, v in selector.items()) or "Ingress" not in policy["spec"].get(
+            "policyTypes", []):
+        problems.append("NetworkPolicy: does not select the cluster's pods for ingress")
+    admitted: set[int] = set()
+    for rule in policy["spec"].get("ingress", []):
+        peers = rule.get("from")
+        if not peers:
+            problems.append("NetworkPolicy: a rule admits every source")
+            continue
+        for peer in peers:
+            if "ipBlock" in peer or peer.get("namespaceSelector") == {}:
+                problems.append("NetworkPolicy: a rule admits sources outside the namespace")
+        ports = {p["port"] for p in rule.get("ports") or []}
+        if not ports:
+            if any(peer.get("podSelector", {}).get("matchLabels") != selector for peer in peers):
+                problems.append("NetworkPolicy: every port is open to pods other than the cluster's own")
+        elif any(peer.get("podSelector") == {} for peer in peers):
+            admitted |= ports
+            if ports - RAY_PORTS:
+                problems.append(f"NetworkPolicy: ports {sorted(ports - RAY_PORTS)} open to the namespace")
+    if admitted != RAY_PORTS:
+        problems.append(f"NetworkPolicy: the namespace reaches ports {sorted(admitted)}, not {sorted(RAY_PORTS)}")
+    return problems
+
+
+def _kuberay_docs() -> dict[str, dict]:
+    return {d["kind"]: d for _, d in _manifests()}
+
+
+def test_kuberay_cluster_is_locked():
+    assert _kuberay_security_problems(_kuberay_docs()) == []
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["RayCluster"]["spec"].pop("authOptions"), "authOptions"),
+    (lambda d: d.pop("NetworkPolicy"), "no NetworkPolicy"),
+    (lambda d: d["NetworkPolicy"]["spec"]["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}),
+     "outside the namespace"),
+    (lambda d: d["NetworkPolicy"]["spec"]["ingress"][1]["ports"].append({"port": 8000}), "[8000]"),
+    (lambda d: d["RayCluster"]["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+     ["securityContext"].__setitem__("allowPrivilegeEscalation", True), "escalate"),
+    (lambda d: d["RayCluster"]["spec"]["headGroupSpec"]["template"]["spec"].pop("securityContext"), "runAsNonRoot"),
+    (lambda d: d["RayCluster"]["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+     .__setitem__("env", d["RayCluster"]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]),
+     "read-only"),
+    (lambda d: d["RayJob"]["spec"].pop("submitterPodTemplate"), "RAY_AUTH_TOKEN"),
+], ids=["no-auth", "no-policy", "open-cidr", "extra-port", "escalation", "root", "write-token-on-workers",
+        "submitter-without-token"])
+def test_security_review_catches(mutate, expected):
+    docs = copy.deepcopy(_kuberay_docs())
+    mutate(docs)
+    assert any(expected in p for p in _kuberay_security_problems(docs)), _kuberay_security_problems(docs)
+
+
 def test_rayjob_runs_the_pipeline_on_the_raycluster_with_a_valid_config(tmp_path):
     from medusa_ray.cli import build_parser
     from medusa_ray.config import load_config
@@ -284,6 +394,42 @@ def test_launcher_config_validates_against_ray_schema(path):
     # The same image as on KubeRay.
     kuberay_image = _containers(_one("RayCluster")["spec"]["headGroupSpec"]["template"])[0]["image"]
     assert config["docker"]["image"] == kuberay_image
+
+
+_WORLD_WRITABLE = re.compile(r"chmod\s+(-R\s+)?([0-7]?[0-7]{2}[2367]\b|[ao]*\+[rx]*w)")
+
+
+def _launcher_security_problems(config: dict) -> list[str]:
+    problems = []
+    commands = {k: " ".join(config.get(k) or []) for k in
+                ("initialization_commands", "setup_commands", "head_start_ray_commands", "worker_start_ray_commands")}
+    for key, text in commands.items():
+        if _WORLD_WRITABLE.search(text):
+            problems.append(f"{key}: makes something world-writable")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        if "RAY_AUTH_MODE=token ray start" not in commands[key]:
+            problems.append(f"{key}: ray start without RAY_AUTH_MODE=token")
+    host = re.search(r"--dashboard-host[= ](\S+)", commands["head_start_ray_commands"])
+    if host is None or host.group(1) not in ("127.0.0.1", "localhost"):
+        problems.append("head_start_ray_commands: the dashboard listens beyond localhost")
+    if (config.get("file_mounts") or {}).get("/home/ray/.ray/auth_token") != "~/.ray/auth_token":
+        problems.append("file_mounts: the nodes do not get the token file")
+    return problems
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_cluster_is_locked(path):
+    config = yaml.safe_load(path.read_text())
+    assert _launcher_security_problems(config) == []
+    broken = copy.deepcopy(config)
+    broken["initialization_commands"].append("sudo chmod 1777 /mnt/shared")
+    broken["head_start_ray_commands"] = [c.replace("127.0.0.1", "0.0.0.0") for c in broken["head_start_ray_commands"]]
+    broken["worker_start_ray_commands"] = [c.replace("RAY_AUTH_MODE=token ", "")
+                                           for c in broken["worker_start_ray_commands"]]
+    broken.pop("file_mounts")
+    problems = " | ".join(_launcher_security_problems(broken))
+    for expected in ("world-writable", "beyond localhost", "worker_start_ray_commands", "token file"):
+        assert expected in problems, problems
 
 
 def test_launcher_validation_is_not_vacuous():

@@ -281,6 +281,45 @@ def test_refuses_what_it_should(trained, exported, tmp_path, random_tiny_model):
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
+class _PlantedCode:
+    """Unpickling this writes a file: what anyone able to write a checkpoint could make a loader run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.write_text, (self.path, "planted code ran")
+
+
+def test_export_never_unpickles_the_checkpoint(trained, exported, tmp_path):
+    from safetensors.torch import load_file
+
+    from medusa_ray import export
+
+    cfg, result = trained["z2w1"]
+    planted = tmp_path / "planted"
+    shutil.copytree(result.checkpoint, planted)
+    ran = tmp_path / "ran"
+    pickles = list((planted / "deepspeed").rglob("*.pt"))
+    assert pickles, "the checkpoint should hold DeepSpeed's .pt files"
+    for f in pickles:
+        torch.save(_PlantedCode(ran), f)
+
+    def to(out: Path):
+        return cfg.model_copy(update={"export": cfg.export.model_copy(update={"output_dir": str(out)})})
+
+    out = export.run(to(tmp_path / "out"), checkpoint=str(planted))
+    assert not ran.exists()
+    weights = load_file(str(out / "medusa_lm_head.safetensors"))
+    reference = load_file(str(exported["z2w1"] / "medusa_lm_head.safetensors"))
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+    (planted / "heads.safetensors").unlink()
+    with pytest.raises(UserError, match="no heads.safetensors"):
+        export.run(to(tmp_path / "none"), checkpoint=str(planted))
+    assert not ran.exists() and not (tmp_path / "none").exists()
+
+
 def test_push_to_hub_uploads_every_file(exported, trained, tmp_path, monkeypatch, capsys, caplog):
     import huggingface_hub.constants
 

@@ -192,7 +192,7 @@ def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_sessio
     same rows as a run that was never interrupted (none twice, none skipped), and the same final weights."""
     import torch
 
-    from medusa_ray.export.checkpoint import consolidate, read_meta
+    from medusa_ray.export.checkpoint import read_heads
 
     def records(directory: Path) -> dict[tuple[int, int], list[str]]:
         out = {}
@@ -217,8 +217,7 @@ def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_sessio
     first = [i for (rank, step), batch in straight_rows.items() if step <= 13 for i in batch]
     assert len(first) == 13 * 2 * 4 == len(set(first))
     assert sum(len(b) for b in straight_rows.values()) > len({i for b in straight_rows.values() for i in b})
-    a = consolidate(Path(straight.checkpoint), read_meta(Path(straight.checkpoint)))
-    b = consolidate(Path(resumed.checkpoint), read_meta(Path(resumed.checkpoint)))
+    a, b = read_heads(Path(straight.checkpoint)), read_heads(Path(resumed.checkpoint))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 

@@ -1,4 +1,4 @@
-"""export: consolidate a training checkpoint into a directory that vLLM and TGI load, optionally push it.
+"""export: turn a training checkpoint into a directory that vLLM and TGI load, optionally push it.
 
     medusa-ray export [--checkpoint CKPT] [--output DIR] [--push-to-hub ORG/NAME] [--private] [--overwrite]
 
@@ -17,13 +17,7 @@ from pathlib import Path
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
 from medusa_ray.export.card import write_model_card
-from medusa_ray.export.checkpoint import (
-    check_heads,
-    consolidate,
-    is_remote,
-    local_checkpoint,
-    read_meta,
-)
+from medusa_ray.export.checkpoint import check_heads, is_remote, local_checkpoint, read_heads, read_meta
 from medusa_ray.export.hub import push_to_hub
 from medusa_ray.export.writer import (
     EVAL_FILE,
@@ -110,7 +104,7 @@ def output_dir(cfg: Config) -> Path:
 def run(cfg: Config, checkpoint: str | None = None) -> Path:
     """Export the heads of ``checkpoint`` (default: the best of ``train.run_name``) to ``export.output_dir``.
 
-    Consolidation runs as a Ray task on a worker node when Ray is up (the job driver's head node has no memory
+    Writing runs as a Ray task on a worker node when Ray is up (the job driver's head node has no memory
     to spare); the push and the summary happen here.
     """
     from medusa_ray.cluster import run_task
@@ -135,7 +129,7 @@ def run(cfg: Config, checkpoint: str | None = None) -> Path:
 
 
 def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
-    """Consolidate ``ckpt_path`` into ``out_dir``; False when ``out_dir`` already holds exactly this export."""
+    """Write the heads of ``ckpt_path`` into ``out_dir``; False when ``out_dir`` already holds exactly this export."""
     from medusa_ray.cluster import node_id
 
     cfg = Config.model_validate(cfg_dict)
@@ -147,8 +141,7 @@ def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
             return True
         base_name, base_cfg = resolve_base([meta["base_model"], cfg.model])
         check_base(meta, base_name, base_cfg)
-        log.info("consolidating %s (ZeRO-%s, %s worker(s))", ckpt, meta["zero_stage"], meta["world_size"])
-        state_dict = consolidate(ckpt, meta)
+        state_dict = read_heads(ckpt)
         check_heads(state_dict, meta, ckpt)
         dtype = base_dtype(base_cfg)
         tensors = head_tensors(state_dict, meta, base_name, dtype)

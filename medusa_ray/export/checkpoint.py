@@ -1,15 +1,14 @@
-"""Read a medusa-ray training checkpoint and consolidate its DeepSpeed shards into one state_dict.
+"""Read a medusa-ray training checkpoint: its metadata and the heads' full weights.
 
-A checkpoint (contract 2) is a Ray Train checkpoint directory holding ``medusa_meta.json`` and
-``deepspeed/`` as written by ``engine.save_checkpoint(<ckpt>/deepspeed, tag="global_step{N}")`` on every
-rank, with the ``MedusaHeads`` module itself wrapped by DeepSpeed, so consolidated keys are already the
-FasterDecoding layout.
+A checkpoint is a Ray Train checkpoint directory holding ``medusa_meta.json``, ``heads.safetensors`` (every
+head parameter in fp32, gathered from all ranks when the checkpoint was saved; keys are ``MedusaHeads``'
+own, which are already the FasterDecoding layout) and ``deepspeed/`` (the sharded engine and optimizer state,
+only for resuming the run). Export reads the first two and nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from medusa_ray.errors import UserError
-from medusa_ray.train.checkpoints import DEEPSPEED_DIR, META_FILE, META_FORMAT, is_remote
+from medusa_ray.train.checkpoints import HEADS_FILE, META_FILE, META_FORMAT, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,11 @@ def local_checkpoint(path: str):
     tmp = Path(tempfile.mkdtemp(prefix="medusa-ckpt-"))
     try:
         log.info("downloading checkpoint %s", path)
-        pyarrow.fs.copy_files(path, str(tmp))
+        for name in (META_FILE, HEADS_FILE):  # not the DeepSpeed state: export never reads it
+            try:
+                pyarrow.fs.copy_files(f"{path.rstrip('/')}/{name}", str(tmp / name))
+            except FileNotFoundError:
+                pass  # read_meta / read_heads say what is missing
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,43 +69,27 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
-def _deepspeed_tag(ds_dir: Path, meta: dict) -> str:
-    tag = f"global_step{meta['global_step']}"
-    if (ds_dir / tag).is_dir():
-        return tag
-    latest = ds_dir / "latest"
-    if latest.is_file() and (ds_dir / latest.read_text().strip()).is_dir():
-        return latest.read_text().strip()
-    tags = sorted(p.name for p in ds_dir.iterdir() if p.is_dir()) if ds_dir.is_dir() else []
-    if len(tags) == 1:
-        return tags[0]
-    raise UserError(f"{ds_dir}: no DeepSpeed checkpoint tag {tag!r} (found: {', '.join(tags) or 'nothing'})")
+def read_heads(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The heads' full fp32 weights, from the safetensors file training gathered at save time.
 
+    Nothing here is unpickled: a checkpoint path can come from shared or object storage that others write to,
+    and a pickle runs code when loaded. The DeepSpeed files beside it are never opened.
+    """
+    from safetensors.torch import load_file
 
-def consolidate(ckpt: Path, meta: dict) -> dict[str, torch.Tensor]:
-    """Full fp32 head weights from the DeepSpeed shards of any ZeRO stage and world size."""
-    ds_dir = ckpt / DEEPSPEED_DIR
-    tag = _deepspeed_tag(ds_dir, meta)
-    shard_dir = ds_dir / tag
-    stage = int(meta["zero_stage"])
+    path = ckpt / HEADS_FILE
+    if not path.is_file():
+        raise UserError(f"{ckpt}: no {HEADS_FILE} (checkpoints from medusa-ray before 0.4 lack it, and export "
+                        "never unpickles DeepSpeed's files); train again to write one")
     try:
-        if stage == 0:
-            # Stage 0 keeps the whole module in rank 0's model states; there are no partitions to merge.
-            states = torch.load(shard_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-            state_dict = {k: v.float() for k, v in states["module"].items()}
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            # zero_to_fp32 narrates every shard on stdout; keep the CLI output to our own table.
-            with contextlib.redirect_stdout(io.StringIO()):
-                state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise UserError(f"{shard_dir}: cannot consolidate DeepSpeed ZeRO-{stage} checkpoint: {exc}") from None
-    return {k: v.detach().to(torch.float32).contiguous() for k, v in state_dict.items()}
+        state_dict = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is the user's to fix
+        raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+    return {k: v.to(torch.float32).contiguous() for k, v in state_dict.items()}
 
 
 def check_heads(state_dict: dict[str, torch.Tensor], meta: dict, where: Path) -> None:
-    """The consolidated tensors are exactly the heads ``meta`` describes: same count, layers and shapes."""
+    """The checkpoint's tensors are exactly the heads ``meta`` describes: same count, layers and shapes."""
     heads, layers, hidden, vocab = (int(meta[k]) for k in ("medusa_num_heads", "medusa_num_layers", "hidden_size",
                                                           "vocab_size"))
     expected: dict[str, tuple[int, ...]] = {}

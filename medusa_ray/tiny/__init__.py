@@ -26,7 +26,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def _train_tokenizer(vocab_size: int, seed: int):
+def _train_tokenizer(vocab_size: int, texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,7 +39,7 @@ def _train_tokenizer(vocab_size: int, seed: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus.plain_text(4000, seed), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>", model_max_length=1024
     )
@@ -47,12 +47,13 @@ def _train_tokenizer(vocab_size: int, seed: int):
     return hf_tok
 
 
-def _pretrain(model, tokenizer, steps: int, seed: int, batch_size: int = 32) -> float:
-    """Causal-LM training on generated conversations; returns the final loss."""
+def _pretrain(model, tokenizer, conversations, steps: int, seed: int, batch_size: int = 32,
+              max_length: int = 256) -> float:
+    """Causal-LM training on chat-rendered conversations; returns the final loss."""
     import torch
     from tqdm import tqdm
 
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in corpus.conversations(4096, seed + 1)]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -60,7 +61,8 @@ def _pretrain(model, tokenizer, steps: int, seed: int, batch_size: int = 32) -> 
     loss_value = float("nan")
     for _ in tqdm(range(steps), desc="pretraining tiny model", unit="step"):
         idx = torch.randint(len(texts), (batch_size,), generator=gen).tolist()
-        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
+        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                          max_length=max_length)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()
@@ -80,14 +82,22 @@ def make_tiny_model(
     vocab_size: int = 1024,
     hidden_size: int = 128,
     num_layers: int = 2,
+    conversations: list[list[dict[str, str]]] | None = None,
 ) -> Path:
-    """Write a loadable Llama model directory to ``out_dir`` (replaced atomically) and return its path."""
+    """Write a loadable Llama model directory to ``out_dir`` (replaced atomically) and return its path.
+
+    The tokenizer and the pretraining see ``conversations`` when given (``benchmarks/recipe.py`` passes real
+    text), otherwise the generated corpus the demo's prompts come from."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     torch.manual_seed(seed)
-    tokenizer = _train_tokenizer(vocab_size, seed)
+    if conversations is None:
+        texts, conversations = corpus.plain_text(4000, seed), corpus.conversations(4096, seed + 1)
+    else:
+        texts = [m["content"] for c in conversations for m in c]
+    tokenizer = _train_tokenizer(vocab_size, texts)
     head_dim = 64
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -106,7 +116,7 @@ def make_tiny_model(
     )
     model = LlamaForCausalLM(config)
     if pretrain_steps > 0:
-        loss = _pretrain(model, tokenizer, pretrain_steps, seed)
+        loss = _pretrain(model, tokenizer, conversations, pretrain_steps, seed)
         log.info("tiny model pretrained for %d steps, final loss %.3f", pretrain_steps, loss)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id

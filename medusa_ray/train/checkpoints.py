@@ -18,6 +18,9 @@ from typing import Any
 META_FILE = "medusa_meta.json"
 META_FORMAT = "medusa-ray/1"
 DEEPSPEED_DIR = "deepspeed"
+HEADS_FILE = "heads.safetensors"
+"""The heads' full fp32 weights, gathered from every rank at save time: export reads only this file, so it
+never unpickles anything (DeepSpeed's own files are pickles, read back only to resume the run that wrote them)."""
 WORKERS_DIR = "workers"  # rank-<r>.json: the node and device each rank trained on
 
 

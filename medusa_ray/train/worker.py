@@ -550,6 +550,19 @@ def _log_validation(tracker, run_dir: Path, validation: dict[str, Any]) -> None:
         tracker.log_metrics(_flat_validation(validation), step=validation["step"], prefix="val/")
 
 
+def full_head_weights(engine) -> dict[str, Any]:
+    """Every head parameter in full fp32, whatever the ZeRO stage: the optimizer's fp32 master copy where
+    DeepSpeed keeps one (partitioned under ZeRO 1-3, so all ranks must call this), else the parameter itself."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        weights[name] = (param if full is None else full).detach().to("cpu", dtype=torch.float32).contiguous()
+    return weights
+
+
 def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Progress, metrics, validation,
                             zero_stage, base) -> None:
     """Every rank writes its DeepSpeed shard; Ray Train merges the ranks' directories into one checkpoint."""
@@ -559,6 +572,11 @@ def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Pro
         ds_dir = tmp / checkpoints.DEEPSPEED_DIR
         ds_dir.mkdir()  # DeepSpeed creates it on rank 0 only, assuming a shared filesystem
         engine.save_checkpoint(str(ds_dir), tag=f"global_step{progress.step}", client_state={"medusa_ray": asdict(progress)})
+        weights = full_head_weights(engine)  # a collective under ZeRO 1-3: every rank takes part
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(weights, str(tmp / checkpoints.HEADS_FILE))
         (tmp / checkpoints.WORKERS_DIR).mkdir()
         (tmp / checkpoints.WORKERS_DIR / f"rank-{rank:05d}.json").write_text(json.dumps(
             {"rank": rank, "node_id": _node_id(), "device": str(session.device)}))
