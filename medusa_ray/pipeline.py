@@ -15,6 +15,7 @@ from typing import Any
 from medusa_ray.cluster import init_ray, node_id
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
+from medusa_ray.locks import hold
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,15 @@ def _export_node(export_dir: Path) -> str | None:
 
 
 def run(cfg: Config) -> PipelineSummary:
+    init_ray(cfg.ray)
+    # The pipeline's own files (held-out split, markers) live in distill's output dir: hold it throughout.
+    with hold(cfg.distill.output_dir, "pipeline"):
+        return _pipeline(cfg)
+
+
+def _pipeline(cfg: Config) -> PipelineSummary:
     from medusa_ray import evaluate, export, train
 
-    init_ray(cfg.ray)
     work = _work_dir(cfg)
     if cfg.eval.prompts is None:
         cfg = _split_heldout(cfg, work)

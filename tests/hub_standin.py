@@ -25,10 +25,14 @@ class Repo:
 
 
 class HubStandIn:
-    """``with HubStandIn(token="hf_x", writable_orgs={"me"}) as hub: ...`` then inspect ``hub.repos``."""
+    """``with HubStandIn(token="hf_x", writable_orgs={"me"}) as hub: ...`` then inspect ``hub.repos``.
 
-    def __init__(self, token: str, writable_orgs: set[str]):
+    ``token_role`` is what ``whoami`` says of the token (``write``, ``read``, ``fineGrained``); a ``read``
+    token is refused every write, as the Hub does."""
+
+    def __init__(self, token: str, writable_orgs: set[str], token_role: str = "write"):
         self.token = token
+        self.token_role = token_role
         self.writable_orgs = writable_orgs
         self.repos: dict[str, Repo] = {}
         self.requests: list[str] = []  # "METHOD path", for assertions on what the client did
@@ -72,6 +76,13 @@ class HubStandIn:
 
             def do_GET(self):
                 hub.requests.append(f"GET {self.path}")
+                if self.path.split("?")[0] == "/api/whoami-v2":
+                    if not self._authorised():
+                        return
+                    return self._reply(200, {"type": "user", "name": "me",
+                                             "orgs": [{"name": o, "roleInOrg": "write"} for o in hub.writable_orgs],
+                                             "auth": {"type": "access_token",
+                                                      "accessToken": {"displayName": "t", "role": hub.token_role}}})
                 m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/.*)?", self.path.split("?")[0])
                 if m and m.group(1) in hub.repos:
                     repo = hub.repos[m.group(1)]
@@ -85,6 +96,8 @@ class HubStandIn:
                 body = self._body()
                 if not self._authorised():
                     return
+                if hub.token_role == "read" and path != "/api/validate-yaml":
+                    return self._reply(403, {"error": "This token is read-only"})
                 if path == "/api/validate-yaml":  # upload_folder checks README.md's metadata first
                     return self._reply(200, {"errors": [], "warnings": []})
                 if path == "/api/repos/create":

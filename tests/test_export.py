@@ -18,6 +18,7 @@ import torch
 
 from medusa_ray.config import build_config
 from medusa_ray.errors import UserError
+from medusa_ray.export.public import source_id
 
 # (zero stage, workers, share_lm_head, steps). The ZeRO-2 single-worker run trains long enough for the heads
 # to be clearly better than untrained ones in vLLM; the others only need a few real optimizer steps.
@@ -200,7 +201,8 @@ def test_model_card_describes_the_run(exported, trained):
     assert f"| optimizer steps | {result.global_step} |" in card
     meta = json.loads((Path(result.checkpoint) / "medusa_meta.json").read_text())
     assert f"| rows | {meta['data']['rows']} |" in card and f"| tokens | {meta['data']['tokens']} |" in card
-    assert f"| source | `{meta['data']['source']}` |" in card
+    # The data's location is published without its directories (no home dir in a public card).
+    assert f"| source | `{Path(meta['data']['source']).parent.name}/{Path(meta['data']['source']).name}` |" in card
     assert "| 0 | token t+2 |" in card and "| 2 | token t+4 |" in card  # per-head final metrics
     assert '"method": "medusa"' in card
     share_card = (exported["z3w2"] / "README.md").read_text()
@@ -216,7 +218,8 @@ def test_default_checkpoint_is_the_run_s_best(trained, tmp_path):
     cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"output_dir": str(tmp_path / "out")})})
     out = export.run(cfg)
     marker = json.loads((out / "medusa_ray_export.json").read_text())
-    assert marker["source"]["checkpoint"] == str(Path(result.checkpoint).resolve())
+    assert marker["source"]["id"] == source_id(str(Path(result.checkpoint).resolve()))
+    assert marker["source"]["checkpoint"] == "/".join(Path(result.checkpoint).parts[-2:])
     assert marker["source"]["global_step"] == result.global_step
 
 
@@ -262,11 +265,11 @@ def test_refuses_what_it_should(trained, exported, tmp_path, random_tiny_model):
     shutil.copytree(exported["z2w2"], other)
     with pytest.raises(UserError, match="already holds a different export"):
         export.run(with_output(other), checkpoint=str(result.checkpoint))
-    assert json.loads((other / "medusa_ray_export.json").read_text())["source"]["checkpoint"] != \
-        str(result.checkpoint)
+    assert json.loads((other / "medusa_ray_export.json").read_text())["source"]["id"] != \
+        source_id(str(Path(result.checkpoint).resolve()))
     export.run(with_output(other, overwrite=True), checkpoint=str(result.checkpoint))
-    assert json.loads((other / "medusa_ray_export.json").read_text())["source"]["checkpoint"] == \
-        str(Path(result.checkpoint).resolve())
+    assert json.loads((other / "medusa_ray_export.json").read_text())["source"]["id"] == \
+        source_id(str(Path(result.checkpoint).resolve()))
     # ...and the same export again is a no-op.
     before = (other / "medusa_lm_head.safetensors").stat().st_mtime_ns
     export.run(with_output(other), checkpoint=str(result.checkpoint))
@@ -279,6 +282,39 @@ def test_refuses_what_it_should(trained, exported, tmp_path, random_tiny_model):
     with pytest.raises(UserError, match="holds no medusa-ray export"):
         export.run(with_output(precious, overwrite=True), checkpoint=str(result.checkpoint))
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+SECRET = "s3cr3t-T0KEN"
+
+
+def test_nothing_private_is_published(trained, tmp_path):
+    """A run whose config holds credentials in URLs and private paths: no file of its export repeats them."""
+    from medusa_ray import evaluate, export
+
+    cfg, result = trained["z2w1"]
+    ckpt = tmp_path / "home" / "alice" / "runs" / "ckpt"
+    shutil.copytree(result.checkpoint, ckpt)
+    meta = json.loads((ckpt / "medusa_meta.json").read_text())
+    meta["config"]["distill"]["endpoint"] = f"http://user:{SECRET}@vllm.internal:8000/v1"
+    meta["config"]["train"]["mlflow_tracking_uri"] = f"https://admin:{SECRET}@mlflow.example.com"
+    meta["config"]["train"]["storage_path"] = f"s3://bucket-{SECRET}/ray_results?token={SECRET}"
+    meta["config"]["distill"]["input"] = f"/home/alice/{SECRET}/prompts.jsonl"
+    meta["data"]["source"] = f"s3://key:{SECRET}@bucket/distilled?sig={SECRET}"
+    (ckpt / "medusa_meta.json").write_text(json.dumps(meta))
+
+    out = tmp_path / "out"
+    cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"output_dir": str(out)})})
+    export.run(cfg, checkpoint=str(ckpt))
+    # Eval's results land in the export too; their output texts quote the prompts.
+    evaluate._save({"acceptance_length": 1.5, "errors": [{"prompt": SECRET}], "medusa_dir": str(out),
+                    "plot": f"/home/alice/{SECRET}.png"}, out, str(tmp_path / "private" / "eval.json"))
+
+    leaked = [p.name for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+    card = (out / "README.md").read_text()
+    assert "| source | `s3://bucket/distilled` |" in card and "alice" not in card
+    assert json.loads((out / "eval_results.json").read_text())["acceptance_length"] == 1.5
+    assert SECRET in (tmp_path / "private" / "eval.json").read_text()  # the user's own copy is complete
 
 
 class _PlantedCode:
@@ -344,17 +380,42 @@ def test_push_to_hub_uploads_every_file(exported, trained, tmp_path, monkeypatch
         assert repo.files == local  # every file, byte for byte
         assert "medusa-org/tiny-medusa" in local["README.md"].decode()  # serve commands name the Hub repo
 
-        # No permission on the namespace: one clear error, the local export untouched.
+        # Every refusal comes before the export is touched: one clear line, every file as it was.
+        def files() -> dict[str, bytes]:
+            return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+        before = files()
         denied = cfg.export.model_copy(update={"output_dir": str(out), "push_to_hub": "someone-else/heads"})
-        with pytest.raises(UserError, match="push to someone-else/heads failed: .*intact"):
+        with pytest.raises(UserError, match="cannot push to someone-else/heads: "):
             export.run(cfg.model_copy(update={"export": denied}), checkpoint=str(result.checkpoint))
-        assert (out / "medusa_lm_head.safetensors").is_file()
+        assert files() == before
+
+        hub.token_role = "read"
+        with pytest.raises(UserError, match="token is read-only"):
+            export.run(cfg.model_copy(update={"export": export_cfg}), checkpoint=str(result.checkpoint))
+        assert files() == before
+        hub.token_role = "write"
+
+        # An upload that fails halfway (the Hub or the network): the local card and marker are put back.
+        elsewhere = cfg.export.model_copy(update={"output_dir": str(out), "push_to_hub": "medusa-org/other"})
+        real_upload = export.upload
+
+        def failing_upload(target, folder):
+            assert "medusa-org/other" in (folder / "README.md").read_text()  # the card was rewritten for it
+            raise UserError("push to medusa-org/other failed: 503 Service Unavailable")
+
+        monkeypatch.setattr(export, "upload", failing_upload)
+        with pytest.raises(UserError, match="503 Service Unavailable; the export in .* is unchanged"):
+            export.run(cfg.model_copy(update={"export": elsewhere}), checkpoint=str(result.checkpoint))
+        assert files() == before
+        monkeypatch.setattr(export, "upload", real_upload)
 
         # No token at all.
         monkeypatch.delenv("HF_TOKEN")
         monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
         with pytest.raises(UserError, match="no Hugging Face token"):
             export.run(cfg.model_copy(update={"export": export_cfg}), checkpoint=str(result.checkpoint))
+        assert files() == before
 
     captured = capsys.readouterr()
     assert token not in captured.out + captured.err + caplog.text

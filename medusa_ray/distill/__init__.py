@@ -25,6 +25,7 @@ from medusa_ray.data import Conversation, read_conversations
 from medusa_ray.distill.engine import Engine, open_engine
 from medusa_ray.distill.output import ShardWriter, existing_ids, existing_models, remove_stale_temp_files
 from medusa_ray.errors import UserError
+from medusa_ray.locks import hold
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,13 @@ def run(cfg: Config) -> DistillSummary:
     if "://" in d.output_dir:
         raise UserError(f"distill.output_dir={d.output_dir}: must be a local or shared-filesystem path (shards are "
                         "renamed into place when complete, which object storage cannot do atomically)")
+    # One run per output dir: a second one would delete this one's in-flight shards and repeat its work.
+    with hold(d.output_dir, "distill"):
+        return _distill(cfg)
+
+
+def _distill(cfg: Config) -> DistillSummary:
+    d = cfg.distill
     read = read_conversations(d.input, d.format, d.limit)
     for bad in read.invalid:
         log.warning("invalid input %s: %s", bad.source, bad.reason)

@@ -280,15 +280,16 @@ def untrained_heads(export_dir: Path, out: Path) -> Path:
 
 def _save(results: dict[str, Any], medusa_path: Path, output_json: str | None) -> None:
     from medusa_ray.export import EVAL_FILE, MARKER_FILE, write_model_card
+    from medusa_ray.export.public import public_eval
 
-    text = json.dumps(results, indent=2) + "\n"
-    targets = [Path(output_json).expanduser()] if output_json else []
+    targets = [(Path(output_json).expanduser(), results)] if output_json else []
     if (medusa_path / MARKER_FILE).is_file():
-        targets.append(medusa_path / EVAL_FILE)
-    for path in targets:
+        # The export may be pushed to a public repo: only the numbers go there, not outputs or paths.
+        targets.append((medusa_path / EVAL_FILE, public_eval(results)))
+    for path, content in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
         tmp.replace(path)
     if (medusa_path / MARKER_FILE).is_file():
         write_model_card(medusa_path)

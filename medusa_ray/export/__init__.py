@@ -16,9 +16,11 @@ from pathlib import Path
 
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
+from medusa_ray.locks import hold
 from medusa_ray.export.card import write_model_card
 from medusa_ray.export.checkpoint import check_heads, is_remote, local_checkpoint, read_heads, read_meta
-from medusa_ray.export.hub import push_to_hub
+from medusa_ray.export.hub import HubTarget, prepare_push, upload
+from medusa_ray.export.public import public_meta, redact, source_id
 from medusa_ray.export.writer import (
     EVAL_FILE,
     EXPORT_FORMAT,
@@ -33,7 +35,7 @@ from medusa_ray.export.writer import (
     write_export,
 )
 
-__all__ = ["run", "write_model_card", "push_to_hub", "EVAL_FILE", "MARKER_FILE", "WEIGHTS_FILE"]
+__all__ = ["run", "write_model_card", "EVAL_FILE", "MARKER_FILE", "WEIGHTS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,13 @@ def _check_output(out: Path, source: dict, overwrite: bool) -> bool:
                     f"step {theirs.get('global_step')}); pass --overwrite to replace it")
 
 
-def _print_summary(out: Path, marker: dict, hub_url: str | None, reused: bool) -> None:
+def _print_summary(out: Path, marker: dict, checkpoint: str, hub_url: str | None, reused: bool) -> None:
     meta = marker["meta"]
     size = (out / WEIGHTS_FILE).stat().st_size / 2**20
     rows = [
         ("export", f"{out}{' (already up to date)' if reused else ''}"),
         ("base model", marker["base_model"]),
-        ("checkpoint", f"{marker['source']['checkpoint']} (step {meta['global_step']})"),
+        ("checkpoint", f"{checkpoint} (step {meta['global_step']})"),
         ("heads x layers", f"{meta['medusa_num_heads']} x {meta['medusa_num_layers']}"
                            f"{' (shared lm_head)' if meta['share_lm_head'] else ''}"),
         ("weights", f"{WEIGHTS_FILE} {size:.1f} MiB {marker['dtype']}"),
@@ -91,6 +93,21 @@ def _print_summary(out: Path, marker: dict, hub_url: str | None, reused: bool) -
         rows.append(("hub", hub_url))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def _push(out: Path, marker: dict, hub: HubTarget) -> str:
+    """Name the Hub repo in the card's serve commands, upload; if the upload fails, put the files back."""
+    saved = {name: (out / name).read_bytes() for name in (MARKER_FILE, "README.md") if (out / name).is_file()}
+    if marker.get("location") != hub.repo_id:
+        marker["location"] = hub.repo_id
+        (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        write_model_card(out)
+    try:
+        return upload(hub, out)
+    except UserError as exc:
+        for name, content in saved.items():
+            (out / name).write_bytes(content)
+        raise UserError(f"{exc}; the export in {out} is unchanged") from None
 
 
 def output_dir(cfg: Config) -> Path:
@@ -107,24 +124,26 @@ def run(cfg: Config, checkpoint: str | None = None) -> Path:
     Writing runs as a Ray task on a worker node when Ray is up (the job driver's head node has no memory
     to spare); the push and the summary happen here.
     """
-    from medusa_ray.cluster import run_task
-
     ckpt_path = _checkpoint_path(cfg, checkpoint)
     out = output_dir(cfg)
+    # A push that would fail, fails now: before anything is written.
+    hub = prepare_push(cfg.export.push_to_hub, cfg.export.private) if cfg.export.push_to_hub else None
+    with hold(out, "export"):  # one writer: the export dir is swapped in whole, and pushed as it is
+        return _export(cfg, ckpt_path, out, hub)
+
+
+def _export(cfg: Config, ckpt_path: str, out: Path, hub: HubTarget | None) -> Path:
+    from medusa_ray.cluster import run_task
+
     reused = run_task(write, cfg.to_dict(), ckpt_path, str(out), name="medusa-ray-export", num_cpus=1)
     marker = read_marker(out)
     if marker is None:
         raise UserError(f"export output {out} was written on a node whose filesystem this process does not see; "
                         "put export.output_dir on storage every node shares")
     hub_url = None
-    if cfg.export.push_to_hub:
-        if marker.get("location") != cfg.export.push_to_hub:
-            # The card's serve commands should name the Hub repo people will load from.
-            marker["location"] = cfg.export.push_to_hub
-            (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-            write_model_card(out)
-        hub_url = push_to_hub(out, cfg.export.push_to_hub, private=cfg.export.private)
-    _print_summary(out, marker, hub_url, reused)
+    if hub is not None:
+        hub_url = _push(out, marker, hub)
+    _print_summary(out, marker, ckpt_path, hub_url, reused)
     return out
 
 
@@ -136,7 +155,7 @@ def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
     out = Path(out_dir)
     with local_checkpoint(ckpt_path) as ckpt:
         meta = read_meta(ckpt)
-        source = {"checkpoint": ckpt_path, "global_step": int(meta["global_step"])}
+        source = {"checkpoint": redact(ckpt_path), "id": source_id(ckpt_path), "global_step": int(meta["global_step"])}
         if _check_output(out, source, cfg.export.overwrite):
             return True
         base_name, base_cfg = resolve_base([meta["base_model"], cfg.model])
@@ -152,7 +171,7 @@ def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
             "dtype": str(dtype).removeprefix("torch."),
             "location": cfg.export.push_to_hub or str(out),
             "node_id": node_id(),
-            "meta": meta,
+            "meta": public_meta(meta),
         }
         write_export(out, tensors, medusa_config(meta, base_name), marker, base_name)
     return False

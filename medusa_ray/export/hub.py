@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medusa_ray.errors import UserError
 
@@ -20,22 +22,51 @@ def _redact(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
-def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
-    """``create_repo(exist_ok=True)`` + ``upload_folder``; returns the repo URL. Failures are one UserError."""
+def _reason(exc: Exception, token: str) -> str:
+    return _redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, token)
+
+
+@dataclass
+class HubTarget:
+    """A repo we have checked we can push to: the token works, can write, and the repo exists."""
+
+    api: Any
+    repo_id: str
+    url: str
+    token: str
+
+
+def prepare_push(repo_id: str, private: bool = False) -> HubTarget:
+    """Everything that can refuse a push, checked before the export is touched: a token, one that the Hub
+    accepts and that may write, and a repo we may create or already have. Failures are one UserError."""
     from huggingface_hub import HfApi, get_token
 
     token = get_token()
     if not token:
-        raise UserError(f"cannot push to {repo_id}: no Hugging Face token (set HF_TOKEN or run `hf auth login`); "
-                        f"the export in {folder} is intact")
+        raise UserError(f"cannot push to {repo_id}: no Hugging Face token (set HF_TOKEN or run `hf auth login`)")
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        log.info("uploading %s to %s", folder, url)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                          commit_message="Upload Medusa heads (medusa-ray export)")
-    except Exception as exc:  # noqa: BLE001 - network, auth, permission, offline mode: all end the same way
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"push to {repo_id} failed: {_redact(reason, token)}; the export in {folder} is intact") \
+        who = api.whoami()
+    except Exception as exc:  # noqa: BLE001 - network, offline mode, a revoked token: all end the same way
+        raise UserError(f"cannot push to {repo_id}: the Hub did not accept the token ({_reason(exc, token)})") \
             from None
-    return str(url)
+    if ((who.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
+        raise UserError(f"cannot push to {repo_id}: the Hugging Face token is read-only; pushing needs a write "
+                        "token (or a fine-grained one with write access to the repo)")
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    except Exception as exc:  # noqa: BLE001 - permission, name, network
+        raise UserError(f"cannot push to {repo_id}: {_reason(exc, token)}") from None
+    return HubTarget(api, repo_id, str(url), token)
+
+
+def upload(target: HubTarget, folder: Path) -> str:
+    """Upload every file of ``folder`` to the prepared repo in one commit; returns the repo URL."""
+    log.info("uploading %s to %s", folder, target.url)
+    try:
+        target.api.upload_folder(repo_id=target.repo_id, folder_path=str(folder), repo_type="model",
+                                 commit_message="Upload Medusa heads (medusa-ray export)")
+    except Exception as exc:  # noqa: BLE001 - network, auth, permission, offline mode: all end the same way
+        raise UserError(f"push to {target.repo_id} failed: {_reason(exc, target.token)}") from None
+    return target.url
+

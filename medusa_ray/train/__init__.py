@@ -18,6 +18,7 @@ from typing import Any
 
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
+from medusa_ray.locks import hold
 from medusa_ray.train import run_files
 from medusa_ray.train.checkpoints import (
     best_checkpoint,
@@ -58,7 +59,6 @@ class TrainResult:
 
 def run(cfg: Config) -> TrainResult:
     """Train the heads; return the final checkpoint, its global step and its metrics."""
-    from medusa_ray.cluster import init_ray
     from medusa_ray.train.data import check_schema, list_data_files
 
     cfg = _resolve_paths(cfg)
@@ -70,9 +70,17 @@ def run(cfg: Config) -> TrainResult:
     if t.deepspeed_config:
         _check_deepspeed_json(t.deepspeed_config)
     location = run_files.run_location(t.storage_path, t.run_name)
-    _check_resumable(cfg, hidden_size, vocab_size)
+    # One writer per run: two trainings of one run would interleave their checkpoints and resume from either.
+    with hold(location, f"training run {t.run_name!r}"):
+        return _train(cfg, files, hidden_size, vocab_size, location)
 
+
+def _train(cfg: Config, files: list[str], hidden_size: int, vocab_size: int, location: str) -> TrainResult:
+    from medusa_ray.cluster import init_ray
     from medusa_ray.train.plan import make_plan
+
+    t = cfg.train
+    _check_resumable(cfg, hidden_size, vocab_size)
 
     plan = make_plan(files, t.seed, t.val_fraction, t.val_min_rows, t.val_max_rows, world=t.num_workers)
     if plan.train_rows == 0:

@@ -1,0 +1,80 @@
+"""What an export may tell the world: an allow-list of settings and numbers, with no paths or credentials.
+
+An export directory is made to be pushed to the Hub, often to a public repo. The run config behind it holds
+endpoint URLs, tracking URIs (which may carry a password), bucket names and home directories; none of that
+belongs in a model card. So the files inside an export are built from an allow-list, and every location
+that is kept (the base model, the data's and the checkpoint's names) goes through ``redact`` first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import PurePosixPath
+from typing import Any
+
+# Settings that describe how the heads were made and say nothing about where: (section, key).
+_PUBLIC_SETTINGS: dict[str, tuple[str, ...]] = {
+    "distill": ("mode", "temperature", "top_p", "max_tokens", "seed"),
+    "train": ("medusa_num_heads", "medusa_num_layers", "share_lm_head", "head_decay", "topk", "max_length",
+              "num_workers", "zero_stage", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
+              "warmup_steps", "max_steps", "epochs", "max_epochs", "min_steps", "step_budget", "patience",
+              "val_fraction", "val_min_rows", "val_max_rows", "val_every", "seed"),
+    "eval": ("num_prompts", "max_tokens", "num_speculative_tokens"),
+}
+_PUBLIC_META = ("format", "base_model", "medusa_num_heads", "medusa_num_layers", "share_lm_head", "hidden_size",
+                "vocab_size", "global_step", "zero_stage", "world_size", "metrics", "validation",
+                "base_architectures")
+_PUBLIC_DATA = ("rows", "tokens", "truncated", "epoch", "bad_rows")
+_PUBLIC_EVAL = ("base_model", "num_prompts", "max_tokens", "num_speculative_tokens", "acceptance_length",
+                "accepted_per_position", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "output_tokens",
+                "tokens_per_s_base", "tokens_per_s_medusa", "speedup", "outputs_identical", "head_accuracy",
+                "heldout_positions")
+_URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?:[^@/?#]*@)?(?P<rest>[^?#]*)")
+
+
+def redact(location: str | None) -> str | None:
+    """A location safe to publish: a URL without its user, password or query; a local path as its last two
+    components (no home directory); a Hub id (``org/name``) unchanged."""
+    if not location:
+        return location
+    if m := _URL.match(location):
+        return f"{m['scheme']}://{m['rest']}"
+    path = PurePosixPath(location)
+    if location.startswith(("/", "~", ".")) or len(path.parts) > 2:
+        return str(PurePosixPath(*path.parts[-2:])) if len(path.parts) >= 2 else path.name
+    return location
+
+
+def source_id(location: str) -> str:
+    """A stable fingerprint of a full location, to recognise the same checkpoint without publishing its path."""
+    return hashlib.sha256(location.encode()).hexdigest()[:16]
+
+
+def public_config(config: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": redact(config.get("model"))}
+    for section, keys in _PUBLIC_SETTINGS.items():
+        values = config.get(section) or {}
+        out[section] = {k: values[k] for k in keys if k in values}
+    return out
+
+
+def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``medusa_meta.json`` as an export may carry it."""
+    out = {k: meta[k] for k in _PUBLIC_META if k in meta}
+    out["base_model"] = redact(meta.get("base_model"))
+    out["config"] = public_config(meta.get("config") or {})
+    data = meta.get("data") or {}
+    out["data"] = {k: data[k] for k in _PUBLIC_DATA if k in data} | {"source": redact(data.get("source"))}
+    return out
+
+
+def public_eval(results: dict[str, Any]) -> dict[str, Any]:
+    """Eval's numbers, without output texts (which quote the prompts) or local paths."""
+    out = {k: results[k] for k in _PUBLIC_EVAL if k in results}
+    out["base_model"] = redact(results.get("base_model"))
+    compared = results.get("compared") or {}
+    if compared:
+        out["compared"] = {name: {k: v for k, v in other.items() if k in _PUBLIC_EVAL and k != "base_model"}
+                           for name, other in compared.items()}
+    return out
