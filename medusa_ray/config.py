@@ -21,6 +21,19 @@ class ConfigError(UserError):
     """A configuration problem, phrased as one line that names the offending key."""
 
 
+def check_local_model(model: str) -> None:
+    """A ``model`` that names a local directory must exist: say so in one line instead of letting the Hub client
+    try ``outputs/tiny-model`` as a repo id. Local means: starts with ``.``, ``/`` or ``~``, has more than two
+    path parts, or is ``a/b`` where ``a`` is a local directory. ``org/name`` and bare names stay Hub ids."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return
+    parts = Path(model).parts
+    local = model.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+    if local:
+        raise ConfigError(f"model={model}: no such directory (a local path; Hub ids look like org/name)")
+
+
 class _Section(BaseModel):
     # Unknown keys are errors, and assignments are re-validated, so a config can never hold junk.
     model_config = ConfigDict(
@@ -75,14 +88,17 @@ class DistillConfig(_Section):
     batch_size: int = Field(16, ge=1)
     """Requests per Ray Data batch sent to the engine."""
     concurrency: int = Field(1, ge=1)
-    """Ray Data actors sending requests. With ``endpoint`` each actor sends its requests one at a time
-    (Ray's HTTP stage), so raise this to keep the server busy."""
+    """Ray Data actors sending requests; each keeps one batch of ``batch_size`` requests in flight."""
     shard_size: int = Field(256, ge=1)
     """Conversations per output Parquet shard; a shard is the unit of resume."""
     max_retries: int = Field(2, ge=0)
     """Extra attempts for a failed request before it is recorded in ``<output_dir>/errors``. A reply cut at
     ``max_tokens`` is kept as a training row (``finish_reason: length``) and ends its conversation.
-    Conversations recorded as errors count as done on a re-run; delete ``errors/`` to retry them."""
+    A re-run retries recorded failures (a replica lost to a preemption, a 5xx, a timeout); empty replies and
+    invalid inputs stay done (delete ``errors/`` to retry those too)."""
+    retry_backoff_s: float = Field(2.0, ge=0.0)
+    """Wait before a pass of retries: this many seconds, doubling with each attempt (at most 60 s), so a
+    restarting replica or an overloaded endpoint gets time to recover."""
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> "DistillConfig":

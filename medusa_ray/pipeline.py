@@ -73,6 +73,10 @@ def _split_heldout(cfg: Config, work: Path) -> Config:
     from medusa_ray.data import read_conversations
 
     train_file, heldout_file = work / "distill_prompts.jsonl", work / "heldout_prompts.jsonl"
+    d = cfg.distill
+    _check_fingerprint(work / "split.json", {"distill.input": d.input, "distill.format": d.format,
+                                             "distill.limit": d.limit, "eval.num_prompts": cfg.eval.num_prompts},
+                       "the held-out split")
     if not (train_file.exists() and heldout_file.exists()):
         if not cfg.distill.input:
             raise UserError("distill.input is not set: the pipeline needs prompts to distill")
@@ -87,6 +91,21 @@ def _split_heldout(cfg: Config, work: Path) -> Config:
     overrides = {"distill": {"input": str(train_file), "format": "jsonl", "limit": None},
                  "eval": {"prompts": str(heldout_file)}}
     return _with(cfg, overrides)
+
+
+def _check_fingerprint(path: Path, settings: dict[str, Any], what: str) -> None:
+    """The settings ``what`` was made with are stored beside it; a re-run with other settings is refused in
+    one line naming them, instead of silently reusing a stage's output that no longer matches the config."""
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [k for k in settings if before.get(k) != settings[k]]
+        if changed:
+            was = ", ".join(f"{k}={before.get(k)!r} -> {settings[k]!r}" for k in changed)
+            raise UserError(f"{path.parent} holds {what} of another configuration ({was}); use a new "
+                            "distill.output_dir, or delete it to start over")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2, default=str))
 
 
 def _write_jsonl(path: Path, conversations) -> None:
@@ -106,6 +125,11 @@ def _distill(cfg: Config, work: Path) -> tuple[int, list[str]]:
     """Rows distilled, and the nodes the vLLM replicas ran on."""
     from medusa_ray import distill
 
+    d = cfg.distill
+    _check_fingerprint(work / "distill_settings.json", {
+        "model": cfg.model, "distill.mode": d.mode, "distill.temperature": d.temperature, "distill.top_p": d.top_p,
+        "distill.max_tokens": d.max_tokens, "distill.seed": d.seed, "distill.endpoint": d.endpoint},
+        "distilled rows")
     marker = work / "distill_done.json"
     if marker.exists():
         done = json.loads(marker.read_text())

@@ -75,7 +75,7 @@ def _reap(marker: str, timeout: float) -> list[int]:
     return left
 
 
-def _write_distilled(out_dir: Path, n: int = 48) -> Path:
+def _write_distilled(out_dir: Path, model: Path, n: int = 48) -> Path:
     """Training data in the distill output format (contract 1), without running vLLM."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -88,7 +88,7 @@ def _write_distilled(out_dir: Path, n: int = 48) -> Path:
         "id": [f"c{i}" for i in range(n)],
         "messages": convs,
         "mode": ["chat"] * n,
-        "model": ["tiny"] * n,
+        "model": [str(model)] * n,
         "sampling": [{"temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 0}] * n,
         "prompt_tokens": pa.array([10] * n, pa.int64()),
         "completion_tokens": pa.array([10] * n, pa.int64()),
@@ -354,7 +354,7 @@ _TWO_NODE_DRIVER = textwrap.dedent(
 
 
 def test_training_workers_spread_over_two_nodes(random_tiny_model, tmp_path):
-    data = _write_distilled(tmp_path / "distilled")
+    data = _write_distilled(tmp_path / "distilled", random_tiny_model)
     config = {
         "model": str(random_tiny_model),
         "train": {

@@ -75,6 +75,41 @@ def test_a_reply_cut_at_max_tokens_is_kept_and_ends_the_conversation():
     assert state.counts == {"written": 1, "failed": 0, "truncated": 1, "empty": 0}
 
 
+def test_failed_requests_are_retried_with_backoff_and_again_on_a_rerun(tmp_path, monkeypatch):
+    from medusa_ray import distill
+    from medusa_ray.data import Conversation
+    from medusa_ray.distill import _Run, _Work
+    from medusa_ray.distill.output import ShardWriter, existing_ids
+
+    messages = [{"role": "user", "content": "hi"}]
+    attempts = []
+
+    def flaky_pass(cfg, engine, works):
+        for w in works:
+            attempts.append(w.attempt)
+            ok = w.attempt == 2  # a replica restarting: the first two attempts fail
+            yield w, {"text": "hello" if ok else "", "finish_reason": "stop" if ok else "", "prompt_tokens": 1,
+                      "completion_tokens": 1 if ok else 0, "error": "" if ok else "503 replica unavailable"}
+
+    waits = []
+    monkeypatch.setattr(distill, "_run_pass", flaky_pass)
+    monkeypatch.setattr(distill.time, "sleep", waits.append)
+    writer = ShardWriter(tmp_path / "a", 8)
+    state = _Run(build_config({}, ["distill.max_retries=2", "distill.retry_backoff_s=3"]), writer)
+    state.wave(None, [_Work(Conversation("c1", messages, "f:1"), plan_rounds(messages, "chat"))])
+    assert attempts == [0, 1, 2] and waits == [3.0, 6.0]  # waited before each retry pass, longer each time
+    assert state.counts["written"] == 1 and state.counts["failed"] == 0
+
+    # Recorded failures are not final: a re-run retries them. Empty replies and invalid input stay done.
+    out = tmp_path / "b"
+    writer = ShardWriter(out, 8)
+    for cid, reason in (("failed-1", "failed"), ("empty-1", "empty"), ("invalid-1", "invalid")):
+        writer.add_error({"id": cid, "source": "f:1", "reason": reason, "error": "x", "round": 0, "attempts": 3,
+                          "model": "m"})
+    writer.flush()
+    assert existing_ids(out) == (set(), {"empty-1", "invalid-1"})
+
+
 def test_reply_parsing_and_endpoint_urls():
     chat = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
@@ -289,3 +324,95 @@ def test_endpoint_openai_server(openai_server, distilled, tiny_model, prompts, t
     reference = {r["id"]: r["messages"] for r in _rows(Path(distilled[0].distill.output_dir))}
     # Same model, same greedy decoding: the server's answers equal the Serve deployment's.
     assert {r["id"]: r["messages"] for r in rows} == {r["id"]: reference[r["id"]] for r in rows}
+
+
+# ---------------------------------------------------------------- endpoint failures and shared apps
+
+
+class _FlakyEndpoint:
+    """An OpenAI-style server: serves ``served``; answers prompts containing "down" with 503, others with "ok"."""
+
+    def __init__(self, served: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _json(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._json(200, {"object": "list", "data": [{"id": served, "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if "down" in body["messages"][-1]["content"]:
+                    return self._json(503, {"error": {"message": "replica restarting"}})
+                self._json(200, {"choices": [{"message": {"role": "assistant", "content": "ok"},
+                                              "finish_reason": "stop"}],
+                                 "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_endpoint_failures_become_error_rows_and_a_wrong_model_is_one_line(ray_session, tmp_path):
+    from medusa_ray.errors import UserError
+
+    endpoint = _FlakyEndpoint(served="served-model")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{word} {i}"}) + "\n"
+                               for i, word in enumerate(["hello", "down", "hi", "down", "hey"])))
+    with pytest.raises(UserError, match="serves served-model, not model=other"):
+        distill.run(_cfg("other", prompts, tmp_path / "wrong", endpoint=endpoint.url))
+    assert not list((tmp_path / "wrong").glob("*.parquet"))
+
+    out = tmp_path / "out"
+    summary = distill.run(_cfg("served-model", prompts, out, endpoint=endpoint.url, max_retries=1,
+                               retry_backoff_s=0.1, batch_size=5))
+    assert summary.rows_out == 3 and summary.failed == 2
+    assert {e["reason"] for e in _errors(out)} == {"failed"} and "503" in _errors(out)[0]["error"]
+    endpoint.server.shutdown()
+
+
+def test_a_shared_serve_app_outlives_its_starter(serve_app):
+    """The run that started an app leaves while another still uses it: the app stays until the last one leaves."""
+    import contextlib
+
+    from ray import serve
+    from ray.experimental import internal_kv
+
+    from medusa_ray.distill.engine import _LEASES, _app_running, _leases, shared_app
+
+    name = "medusa-distill-test-shared"
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Echo:
+        def __call__(self, x):
+            return x
+
+    def start():
+        serve.run(Echo.bind(), name=name, route_prefix=None)
+
+    starter, other = contextlib.ExitStack(), contextlib.ExitStack()
+    starter.enter_context(shared_app(name, start))
+    other.enter_context(shared_app(name, lambda: pytest.fail("a running app was started again")))
+    starter.close()
+    assert _app_running(name)
+    other.close()
+    assert not _app_running(name)
+
+    # A run that was killed left its lease behind; its job is dead, so it keeps nothing alive.
+    internal_kv._internal_kv_put(f"{name}/ffffffff/killed".encode(), b"", namespace=_LEASES)
+    with shared_app(name, start):
+        assert _app_running(name)
+    assert not _app_running(name) and _leases(name) == []
+    assert _app_running(serve_app)  # the module's vLLM app was never touched

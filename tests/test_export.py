@@ -48,10 +48,11 @@ def write_distilled(out: Path, conversations: list, model: str = "tiny") -> Path
 
 
 @pytest.fixture(scope="session")
-def distilled(tmp_path_factory) -> Path:
+def distilled(tmp_path_factory, tiny_model) -> Path:
     from medusa_ray.tiny import corpus
 
-    return write_distilled(tmp_path_factory.mktemp("distill") / "data", corpus.conversations(256, seed=11))
+    return write_distilled(tmp_path_factory.mktemp("distill") / "data", corpus.conversations(256, seed=11),
+                           model=str(tiny_model))
 
 
 def _cfg(tiny_model: Path, root: Path, **sections):

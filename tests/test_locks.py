@@ -77,7 +77,7 @@ def test_every_stage_takes_its_lock_before_writing(tmp_path, random_tiny_model):
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
-    data = write_distill_parquet(tmp_path / "data", n=16)
+    data = write_distill_parquet(tmp_path / "data", n=16, model=str(random_tiny_model))
     cfg = build_config({}, [f"model={random_tiny_model}", f"distill.input={prompts}",
                             f"distill.output_dir={tmp_path / 'distilled'}", f"train.data={data}",
                             f"train.storage_path={tmp_path / 'runs'}", "train.run_name=r",

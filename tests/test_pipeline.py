@@ -106,3 +106,26 @@ def test_pipeline_killed_in_training_resumes_and_finishes(tiny_model, ray_sessio
     assert results["num_drafts"] > 0
     assert summary["outputs_identical"] is True
     assert summary["acceptance_length"] > summary["acceptance_length_untrained"]
+
+
+def test_stage_state_made_with_other_settings_is_refused(tmp_path):
+    """Changing the model (or the prompts) under an existing output dir must not reuse what was made before."""
+    import pytest
+
+    from medusa_ray import pipeline
+    from medusa_ray.config import load_config
+    from medusa_ray.errors import UserError
+
+    cfg = load_config(str(_config(tmp_path, tmp_path / "model-a", "")))
+    work = pipeline._work_dir(cfg)
+    split = pipeline._split_heldout(cfg, work)
+    assert read_conversations(split.eval.prompts).conversations  # the split was written once
+    (work / "distill_done.json").write_text(json.dumps({"rows_out_total": 32, "nodes": []}))
+    assert pipeline._distill(split, work)[0] == 32  # same settings: distillation is complete, skipped
+
+    fewer = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"limit": 20})})
+    with pytest.raises(UserError, match="holds the held-out split of another configuration .*distill.limit=None -> 20"):
+        pipeline._split_heldout(fewer, work)
+    other_model = split.model_copy(update={"model": str(tmp_path / "model-b")})
+    with pytest.raises(UserError, match="holds distilled rows of another configuration .*model-a' -> .*model-b'"):
+        pipeline._distill(other_model, work)

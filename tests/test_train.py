@@ -58,8 +58,8 @@ def register_checkpoints(run_dir: Path, names: list[str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def distilled(tmp_path_factory) -> Path:
-    return write_distill_parquet(tmp_path_factory.mktemp("distill") / "out")
+def distilled(tmp_path_factory, random_tiny_model) -> Path:
+    return write_distill_parquet(tmp_path_factory.mktemp("distill") / "out", model=str(random_tiny_model))
 
 
 def _cfg(model, data, storage, run_name, *overrides):
@@ -152,6 +152,10 @@ def test_incompatible_rerun_and_bad_inputs_fail_before_ray(random_tiny_model, di
         run(_cfg(tmp_path / "no-model", distilled, tmp_path, "x"))
     with pytest.raises(UserError, match="deepspeed_config"):
         run(_cfg(random_tiny_model, distilled, tmp_path, "x", f"train.deepspeed_config={tmp_path}/ds.json"))
+    # Rows another model wrote: its heads would learn the wrong model's habits.
+    other = write_distill_parquet(tmp_path / "other-rows", n=8, model="meta-llama/Llama-3.1-8B-Instruct")
+    with pytest.raises(UserError, match="holds rows distilled from meta-llama/Llama-3.1-8B-Instruct, not model="):
+        run(_cfg(random_tiny_model, other, tmp_path, "y"))
 
 
 def test_bad_rows_are_skipped_and_counted_until_too_many(ray_session, random_tiny_model, tmp_path):

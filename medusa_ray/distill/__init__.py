@@ -26,11 +26,13 @@ from medusa_ray.distill.engine import Engine, open_engine
 from medusa_ray.distill.output import ShardWriter, existing_ids, existing_models, remove_stale_temp_files
 from medusa_ray.errors import UserError
 from medusa_ray.locks import hold
+from medusa_ray.writable import check_writable
 
 log = logging.getLogger(__name__)
 
 # Conversations per wave (in shards): bounds driver memory and the work a kill can lose.
 _WAVE_SHARDS = 16
+_MAX_BACKOFF_S = 60.0
 
 
 @dataclass
@@ -220,6 +222,11 @@ class _Run:
         ready, pass_no = works, 0
         while ready:
             pass_no += 1
+            attempt = max(w.attempt for w in ready)
+            if attempt:
+                wait = min(self.cfg.distill.retry_backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
+                log.info("pass %d retries failed requests: waiting %.0f s first", pass_no, wait)
+                time.sleep(wait)
             log.info("pass %d: %d requests", pass_no, len(ready))
             ready = [w for w, reply in _run_pass(self.cfg, engine, ready) if self.handle(w, reply)]
 
@@ -231,6 +238,7 @@ def run(cfg: Config) -> DistillSummary:
     if "://" in d.output_dir:
         raise UserError(f"distill.output_dir={d.output_dir}: must be a local or shared-filesystem path (shards are "
                         "renamed into place when complete, which object storage cannot do atomically)")
+    check_writable(d.output_dir, "distill.output_dir")
     # One run per output dir: a second one would delete this one's in-flight shards and repeat its work.
     with hold(d.output_dir, "distill"):
         return _distill(cfg)

@@ -14,12 +14,13 @@ import os
 import time
 import urllib.error
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from medusa_ray.config import Config
+from medusa_ray.config import Config, check_local_model
 from medusa_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -62,31 +63,20 @@ class Engine:
         return f"Serve app {self.app_name}" + ("" if self.started else " (already running, reused)")
 
     def processor(self):
-        """A ``ray.data.llm`` processor: rows ``{key, request}`` (request = OpenAI body as JSON) -> replies."""
-        from ray.data.llm import build_processor
-
-        method = "chat" if self.mode == "chat" else "completions"
+        """Dataset -> dataset: rows ``{key, request}`` (an OpenAI body as JSON) -> ``{key, text, finish_reason,
+        prompt_tokens, completion_tokens, error}``. A ``ray.data.llm`` processor for the Serve app; for an
+        endpoint, ``_EndpointCaller``."""
         if self.url:
-            from ray.data.llm import HttpRequestProcessorConfig
-
             path = "/chat/completions" if self.mode == "chat" else "/completions"
-            config = HttpRequestProcessorConfig(
-                url=self.url + path,
-                headers=self.headers,
-                max_retries=self.max_retries,
-                batch_size=self.batch_size,
-                concurrency=self.concurrency,
-            )
-            mode = self.mode
-            return build_processor(
-                config,
-                preprocess=lambda row: {"payload": json.loads(row["request"])},
-                postprocess=lambda row: {"key": row["key"], **parse_reply(row["http_response"], mode)},
-            )
+            caller = {"url": self.url + path, "headers": self.headers or {}, "mode": self.mode,
+                      "max_retries": self.max_retries}
+            return lambda ds: ds.map_batches(_EndpointCaller, fn_constructor_kwargs=caller, batch_size=self.batch_size,
+                                             concurrency=self.concurrency, num_cpus=0.5)
 
-        from ray.data.llm import ServeDeploymentProcessorConfig
+        from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
         from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
+        method = "chat" if self.mode == "chat" else "completions"
         dtype = "ChatCompletionRequest" if self.mode == "chat" else "CompletionRequest"
         config = ServeDeploymentProcessorConfig(
             deployment_name=_deployment_name(self.app_name),
@@ -103,6 +93,53 @@ class Engine:
             preprocess=lambda row: {"method": method, "dtype": dtype, "request_kwargs": json.loads(row["request"])},
             postprocess=lambda row: {"key": row["key"], **parse_reply(row, mode)},
         )
+
+
+_REPLY_KEYS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "error")
+
+
+class _EndpointCaller:
+    """Ray Data UDF of endpoint mode: POSTs a batch's requests concurrently and never raises.
+
+    Ray's HTTP processor (``HttpRequestProcessorConfig``) fails the whole dataset once one request runs out of
+    retries and has no ``should_continue_on_error``; here that request becomes an error row, which distill
+    retries in its next pass and records if it keeps failing, as it does with the Serve processor.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str], mode: str, max_retries: int, timeout_s: float = 600.0):
+        self.url, self.headers, self.mode = url, headers, mode
+        self.max_retries, self.timeout_s = max_retries, timeout_s
+
+    async def __call__(self, batch: dict[str, Any]):
+        import asyncio
+
+        import aiohttp
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
+            replies = await asyncio.gather(*(self._post(session, json.loads(r)) for r in batch["request"]))
+        yield {"key": list(batch["key"]), **{k: [r[k] for r in replies] for k in _REPLY_KEYS}}
+
+    async def _post(self, session, body: dict[str, Any]) -> dict[str, Any]:
+        import asyncio
+
+        import aiohttp
+
+        error = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(min(2.0 ** attempt, 30.0))
+            try:
+                async with session.post(self.url, json=body, headers=self.headers) as resp:
+                    if resp.status in (408, 429) or resp.status >= 500:  # worth another try
+                        error = f"HTTP {resp.status} {resp.reason} from {self.url}"
+                        continue
+                    data = await resp.json(content_type=None)
+                    if not isinstance(data, dict):
+                        data = {"error": f"HTTP {resp.status}: unexpected response {str(data)[:200]}"}
+                    return parse_reply(data, self.mode)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        return {"text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": error}
 
 
 def parse_reply(response: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -159,6 +196,7 @@ def app_name(cfg: Config) -> str:
 
 def _check_model(cfg: Config) -> None:
     """Fail before starting anything when the model cannot work; only local dirs are inspected."""
+    check_local_model(cfg.model)
     path = Path(cfg.model)
     looks_local = cfg.model.startswith((".", "/", "~")) or path.exists() or cfg.model.count("/") != 1
     if not looks_local:
@@ -223,43 +261,94 @@ def _app_running(name: str) -> bool:
 
 @contextmanager
 def serve_deployment(cfg: Config) -> Iterator[str]:
-    """Start the Serve vLLM app for ``cfg`` (or reuse a running identical one); yields its name.
-
-    Tears down only an app it started, and Serve itself only if it started Serve and nothing else runs,
-    so the next stage gets the resources back.
-    """
+    """Start the Serve vLLM app for ``cfg`` (or share a running identical one); yields its name."""
     from ray import serve
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
     name = app_name(cfg)
-    if _app_running(name):
-        log.info("reusing running Serve app %s", name)
+
+    def start() -> None:
+        _check_model(cfg)
+        # Handles only: no HTTP proxy, so no port to collide with other Serve apps on the machine.
+        serve.start(proxy_location="Disabled")
+        accelerator = _accelerator(cfg)
+        llm_config = LLMConfig(
+            model_loading_config={"model_id": cfg.model, "model_source": cfg.model},
+            accelerator_config={"kind": accelerator},
+            deployment_config=_deployment_config(cfg, _deployment_name(name)),
+            engine_kwargs=_with_cpu_defaults(_engine_kwargs(cfg), accelerator),
+        )
+        app = build_llm_deployment(llm_config, override_serve_options={"name": _deployment_name(name)})
+        log.info("starting Serve app %s: vLLM on %s for %s", name, accelerator, cfg.model)
+        t0 = time.perf_counter()
+        try:
+            serve.run(app, name=name, route_prefix=None)
+        except Exception as exc:
+            raise UserError(f"the vLLM deployment for {cfg.model} failed to start: {str(exc).splitlines()[0]}") \
+                from exc
+        log.info("Serve app %s ready in %.1f s", name, time.perf_counter() - t0)
+
+    with shared_app(name, start):
         yield name
-        return
-    _check_model(cfg)
-    serve_was_up = bool(serve.status().applications) or _serve_controller_running()
-    # Handles only: no HTTP proxy, so no port to collide with other Serve apps on the machine.
-    serve.start(proxy_location="Disabled")
-    accelerator = _accelerator(cfg)
-    llm_config = LLMConfig(
-        model_loading_config={"model_id": cfg.model, "model_source": cfg.model},
-        accelerator_config={"kind": accelerator},
-        deployment_config=_deployment_config(cfg, _deployment_name(name)),
-        engine_kwargs=_with_cpu_defaults(_engine_kwargs(cfg), accelerator),
-    )
-    app = build_llm_deployment(llm_config, override_serve_options={"name": _deployment_name(name)})
-    log.info("starting Serve app %s: vLLM on %s for %s", name, accelerator, cfg.model)
-    t0 = time.perf_counter()
+
+
+# Every run using a Serve app holds a lease on it in the GCS key-value store; the app is deleted by the
+# last run to leave, whoever started it. Leases of Ray jobs that died (a killed driver) do not count.
+_LEASES = "medusa-ray-serve-leases"
+
+
+def _job_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_job_id()
+
+
+def _live_jobs() -> set[str]:
+    import ray
+
+    gcs = ray._private.worker.global_worker.gcs_client
+    return {job.hex() for job, info in gcs.get_all_job_info().items() if not info.is_dead}
+
+
+def _leases(name: str) -> list[bytes]:
+    from ray.experimental import internal_kv
+
+    return list(internal_kv._internal_kv_list(f"{name}/".encode(), namespace=_LEASES))
+
+
+@contextmanager
+def shared_app(name: str, start: Callable[[], None]) -> Iterator[None]:
+    """Use the Serve app ``name`` for the ``with`` block, calling ``start()`` first unless it is running.
+
+    The app outlives the block while another live run still holds a lease on it; the last one out deletes it,
+    and shuts Serve down too if Serve was not running before the app was started.
+    """
+    from ray import serve
+    from ray.experimental import internal_kv
+
+    lease = f"{name}/{_job_id()}/{uuid.uuid4().hex}".encode()
+    internal_kv._internal_kv_put(lease, b"", namespace=_LEASES)  # before looking: a leaver then sees us
+    serve_was_up = True
     try:
-        serve.run(app, name=name, route_prefix=None)
-    except Exception as exc:
-        _teardown(name, serve_was_up)
-        raise UserError(f"the vLLM deployment for {cfg.model} failed to start: {str(exc).splitlines()[0]}") from exc
-    log.info("Serve app %s ready in %.1f s", name, time.perf_counter() - t0)
-    try:
-        yield name
+        if _app_running(name):
+            log.info("sharing running Serve app %s", name)
+        else:
+            serve_was_up = bool(serve.status().applications) or _serve_controller_running()
+            start()
+        yield
     finally:
-        _teardown(name, serve_was_up)
+        internal_kv._internal_kv_del(lease, namespace=_LEASES)
+        live = _live_jobs()
+        others = []
+        for key in _leases(name):
+            if key.decode().split("/")[1] in live:
+                others.append(key)
+            else:
+                internal_kv._internal_kv_del(key, namespace=_LEASES)  # left behind by a killed run
+        if others:
+            log.info("Serve app %s stays up: %d other run(s) use it", name, len(others))
+        else:
+            _teardown(name, serve_was_up)
 
 
 def _serve_controller_running() -> bool:
@@ -290,7 +379,9 @@ def _endpoint_model(base_url: str, headers: dict[str, str], wanted: str) -> str:
         raise UserError(f"distill.endpoint {base_url} is not reachable: {exc}") from None
     if wanted in models or not models:
         return wanted
-    return models[0]
+    # Rows are labelled with the model that wrote them and training checks that label: never guess.
+    raise UserError(f"distill.endpoint {base_url} serves {', '.join(map(str, models))}, not model={wanted}; "
+                    "set model to the served name of the model to distill")
 
 
 def _endpoint_base(url: str) -> str:

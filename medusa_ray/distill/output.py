@@ -66,14 +66,23 @@ def remove_stale_temp_files(output_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+FINAL_ERRORS = ("empty", "invalid")
+"""Error outcomes a re-run would only repeat (the model's own empty answer, an input we cannot read). Failed
+requests (a replica restarting after a preemption, a 5xx, a timeout) are not among them: a re-run retries."""
+
+
 def existing_ids(output_dir: Path) -> tuple[set[str], set[str]]:
-    """(ids in data shards, ids in error shards); raises UserError naming an unreadable shard."""
+    """(ids in data shards, ids whose error is final); raises UserError naming an unreadable shard."""
     found = []
     for directory in (output_dir, output_dir / ERRORS_DIR):
         ids: set[str] = set()
         for file in _shard_files(directory) if directory.is_dir() else []:
             try:
-                ids.update(pq.read_table(file, columns=["id"]).column("id").to_pylist())
+                if directory == output_dir:
+                    ids.update(pq.read_table(file, columns=["id"]).column("id").to_pylist())
+                else:
+                    rows = pq.read_table(file, columns=["id", "reason"]).to_pylist()
+                    ids.update(r["id"] for r in rows if r["reason"] in FINAL_ERRORS)
             except Exception as exc:
                 raise UserError(f"{file}: unreadable shard in the output dir ({exc}); move it away to continue") from None
         found.append(ids)

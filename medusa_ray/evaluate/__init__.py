@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medusa_ray.config import Config
+from medusa_ray.config import Config, check_local_model
 from medusa_ray.errors import UserError
+from medusa_ray.writable import check_writable
 from medusa_ray.data import read_prompts
 from medusa_ray.data.chat import Prompt
 
@@ -174,6 +175,8 @@ def run(cfg: Config, medusa_dir: str | None = None, compare_untrained: bool = Fa
         raise UserError(f"eval.num_speculative_tokens={k} but {medusa_path} has only {heads} heads")
     if not cfg.eval.prompts:
         raise UserError("eval.prompts is not set: pass --prompts FILE")
+    if cfg.eval.output_json:
+        check_writable(Path(cfg.eval.output_json).expanduser().parent, "eval.output_json")
     import ray
 
     gpus = 0
@@ -184,12 +187,13 @@ def run(cfg: Config, medusa_dir: str | None = None, compare_untrained: bool = Fa
                        num_cpus=1, num_gpus=gpus)
     if results["errors"]:
         log.error("%d of %d outputs differ from plain greedy decoding", len(results["errors"]), results["num_prompts"])
-    _print_table(results)
+    _print_table(results)  # first: the numbers are on screen even if writing them fails
+    _save(results, medusa_path, cfg.eval.output_json)
     return results
 
 
 def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool) -> dict[str, Any]:
-    """Both engines, the comparison, per-head accuracy and the plot; results saved where configured."""
+    """Both engines, the comparison, per-head accuracy and the plot; ``run`` saves the results."""
     import tempfile
 
     from medusa_ray.cluster import node_id
@@ -200,6 +204,7 @@ def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool) 
     k = cfg.eval.num_speculative_tokens or int(config["medusa_num_heads"])
     # --model wins; otherwise the base the heads were exported for.
     base = cfg.model if "model" in cfg.model_fields_set else config.get("base_model_name_or_path") or cfg.model
+    check_local_model(base)
     prompts = read_prompts(cfg.eval.prompts, cfg.eval.num_prompts, cfg.distill.mode)
 
     kwargs = _engine_kwargs(cfg)
@@ -253,7 +258,6 @@ def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool) 
         from medusa_ray.evaluate.plot import plot_results
 
         results["plot"] = str(plot_results(results, cfg.eval.plot))
-    _save(results, medusa_path, cfg.eval.output_json)
     return results
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from medusa_ray.config import check_local_model
 from medusa_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def resolve_base(candidates: list[str]) -> tuple[str, Any]:
     errors = []
     for name in dict.fromkeys(c for c in candidates if c):
         try:
+            check_local_model(name)
             cfg = AutoConfig.from_pretrained(name)
         except Exception as exc:  # noqa: BLE001 - any failure means "try the next candidate"
             errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")

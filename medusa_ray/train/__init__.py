@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medusa_ray.config import Config
+from medusa_ray.config import Config, check_local_model
 from medusa_ray.errors import UserError
 from medusa_ray.locks import hold
+from medusa_ray.writable import check_writable
 from medusa_ray.train import run_files
 from medusa_ray.train.checkpoints import (
     best_checkpoint,
@@ -63,13 +64,16 @@ def run(cfg: Config) -> TrainResult:
 
     cfg = _resolve_paths(cfg)
     t = cfg.train
+    check_local_model(cfg.model)
     files = list_data_files(cfg.train_data)
     _columns(files)  # every shard readable, or one line naming it
     check_schema(files)
+    _check_rows_model(files, cfg.model, cfg.train_data)
     hidden_size, vocab_size = _base_dims(cfg.model)
     if t.deepspeed_config:
         _check_deepspeed_json(t.deepspeed_config)
     location = run_files.run_location(t.storage_path, t.run_name)
+    check_writable(t.storage_path, "train.storage_path")
     # One writer per run: two trainings of one run would interleave their checkpoints and resume from either.
     with hold(location, f"training run {t.run_name!r}"):
         return _train(cfg, files, hidden_size, vocab_size, location)
@@ -201,9 +205,32 @@ def _columns(files: list[str]) -> set[str]:
     return cols or set()
 
 
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _check_rows_model(files: list[str], model: str, data: str) -> None:
+    """Heads learn what ``model`` says: rows distill labelled with another model are refused in one line.
+    (Rows without a ``model`` label, made by hand, are taken as they are.)"""
+    import pyarrow.parquet as pq
+
+    labels: set[str] = set()
+    for f in files:
+        if "model" in pq.read_schema(f).names:
+            labels.update(m for m in pq.read_table(f, columns=["model"]).column("model").unique().to_pylist() if m)
+    others = sorted(m for m in labels if not _same_model(m, model))
+    if others:
+        raise UserError(f"train data {data} holds rows distilled from {', '.join(others)}, not model={model}; "
+                        "heads must learn this model's own outputs: distill it into a new distill.output_dir")
+
+
 def _base_dims(model: str) -> tuple[int, int]:
     from transformers import AutoConfig
 
+    check_local_model(model)
     try:
         config = AutoConfig.from_pretrained(model)
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable model is the user's to fix
