@@ -17,6 +17,7 @@ from pathlib import Path
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
 from medusa_ray.locks import hold
+from medusa_ray.writable import check_writable
 from medusa_ray.export.card import write_model_card
 from medusa_ray.export.checkpoint import check_heads, is_remote, local_checkpoint, read_heads, read_meta
 from medusa_ray.export.hub import HubTarget, prepare_push, upload
@@ -126,6 +127,7 @@ def run(cfg: Config, checkpoint: str | None = None) -> Path:
     """
     ckpt_path = _checkpoint_path(cfg, checkpoint)
     out = output_dir(cfg)
+    check_writable(out.parent, "export.output_dir")  # the export is built beside it, then swapped in
     # A push that would fail, fails now: before anything is written.
     hub = prepare_push(cfg.export.push_to_hub, cfg.export.private) if cfg.export.push_to_hub else None
     with hold(out, "export"):  # one writer: the export dir is swapped in whole, and pushed as it is
