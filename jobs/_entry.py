@@ -21,13 +21,14 @@ if (_ROOT / "medusa_ray").is_dir() and str(_ROOT) not in sys.path:
 
 def main(stage: str, argv: list[str] | None = None) -> int:
     from medusa_ray import cli
-    from medusa_ray.cluster import init_ray
+    from medusa_ray.cluster import init_ray, set_verbose
     from medusa_ray.errors import UserError
 
     argv = sys.argv[1:] if argv is None else argv
     parser = cli.build_parser()
     parser.prog = f"jobs/{stage}.py"
     args = parser.parse_args([stage, *argv])
+    set_verbose(args.verbose)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

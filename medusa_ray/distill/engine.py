@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from medusa_ray.cluster import verbose
 from medusa_ray.config import Config, check_local_model
 from medusa_ray.errors import UserError
 
@@ -269,20 +270,28 @@ def serve_deployment(cfg: Config) -> Iterator[str]:
 
     def start() -> None:
         _check_model(cfg)
+        # Quiet unless --verbose, by Serve's and vLLM's own switches: no access line per request, text (not
+        # JSON) records, vLLM's warnings only and no periodic engine stats.
+        logging_config = None if verbose() else {"enable_access_log": False, "encoding": "TEXT",
+                                                   "log_level": "WARNING"}
         # Handles only: no HTTP proxy, so no port to collide with other Serve apps on the machine.
-        serve.start(proxy_location="Disabled")
+        serve.start(proxy_location="Disabled", logging_config=logging_config)
         accelerator = _accelerator(cfg)
+        engine_kwargs = _with_cpu_defaults(_engine_kwargs(cfg), accelerator)
+        if not verbose():
+            engine_kwargs.setdefault("disable_log_stats", True)
         llm_config = LLMConfig(
             model_loading_config={"model_id": cfg.model, "model_source": cfg.model},
             accelerator_config={"kind": accelerator},
             deployment_config=_deployment_config(cfg, _deployment_name(name)),
-            engine_kwargs=_with_cpu_defaults(_engine_kwargs(cfg), accelerator),
+            engine_kwargs=engine_kwargs,
+            runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "INFO" if verbose() else "WARNING"}},
         )
         app = build_llm_deployment(llm_config, override_serve_options={"name": _deployment_name(name)})
         log.info("starting Serve app %s: vLLM on %s for %s", name, accelerator, cfg.model)
         t0 = time.perf_counter()
         try:
-            serve.run(app, name=name, route_prefix=None)
+            serve.run(app, name=name, route_prefix=None, logging_config=logging_config)
         except Exception as exc:
             raise UserError(f"the vLLM deployment for {cfg.model} failed to start: {str(exc).splitlines()[0]}") \
                 from exc

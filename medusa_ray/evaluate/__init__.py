@@ -194,10 +194,13 @@ def run(cfg: Config, medusa_dir: str | None = None, compare_untrained: bool = Fa
 
 def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool) -> dict[str, Any]:
     """Both engines, the comparison, per-head accuracy and the plot; ``run`` saves the results."""
+    import os
     import tempfile
 
-    from medusa_ray.cluster import node_id
+    from medusa_ray.cluster import node_id, verbose
 
+    # vLLM reads its log level when first imported: engine start-up chatter only with --verbose.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose() else "WARNING")
     cfg = Config.model_validate(cfg_dict)
     medusa_path = Path(medusa_dir)
     config = _medusa_config(medusa_path)

@@ -154,6 +154,10 @@ def init_engine(heads, ds_config: dict[str, Any], warmup_steps: int = 0, total_s
     import deepspeed
     import torch
 
+    from medusa_ray.cluster import verbose
+
+    # DeepSpeed narrates its config and every checkpoint save at INFO; its warnings are what a person needs.
+    deepspeed.utils.logger.setLevel(logging.INFO if verbose() else logging.WARNING)
     params = [p for p in heads.parameters() if p.requires_grad]
     scheduler = None
     if "scheduler" not in ds_config:
