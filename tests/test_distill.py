@@ -417,15 +417,3 @@ def test_a_shared_serve_app_outlives_its_starter(serve_app):
     assert not _app_running(name) and _leases(name) == []
     assert _app_running(serve_app)  # the module's vLLM app was never touched
 
-
-def test_the_serve_app_is_quiet_unless_verbose(serve_app):
-    """No access line per request, text records, vLLM at WARNING without periodic stats: set at the source."""
-    from ray.serve.context import _get_global_client
-
-    app = _get_global_client().get_serve_details()["applications"][serve_app]
-    (deployment,) = app["deployments"].values()
-    logging_config = deployment["deployment_config"]["logging_config"]
-    assert logging_config["enable_access_log"] is False
-    assert logging_config["encoding"] == "TEXT" and logging_config["log_level"] == "WARNING"
-    env = deployment["deployment_config"]["ray_actor_options"]["runtime_env"]["env_vars"]
-    assert env["VLLM_LOGGING_LEVEL"] == "WARNING"
