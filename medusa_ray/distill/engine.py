@@ -271,15 +271,13 @@ def serve_deployment(cfg: Config) -> Iterator[str]:
     def start() -> None:
         _check_model(cfg)
         # Quiet unless --verbose, by Serve's and vLLM's own switches: no access line per request, text (not
-        # JSON) records, vLLM's warnings only and no periodic engine stats.
+        # JSON) records, vLLM's warnings only.
         logging_config = None if verbose() else {"enable_access_log": False, "encoding": "TEXT",
                                                    "log_level": "WARNING"}
         # Handles only: no HTTP proxy, so no port to collide with other Serve apps on the machine.
         serve.start(proxy_location="Disabled", logging_config=logging_config)
         accelerator = _accelerator(cfg)
         engine_kwargs = _with_cpu_defaults(_engine_kwargs(cfg), accelerator)
-        if not verbose():
-            engine_kwargs.setdefault("disable_log_stats", True)
         llm_config = LLMConfig(
             model_loading_config={"model_id": cfg.model, "model_source": cfg.model},
             accelerator_config={"kind": accelerator},
