@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from medusa_ray.cluster import set_verbose
 from medusa_ray.config import Config, load_config
 from medusa_ray.errors import UserError
 
