@@ -97,5 +97,6 @@ def hold(location: str | Path, what: str) -> Iterator[Path]:
     try:
         yield path
     finally:
-        if _read(path).get("pid") == me["pid"] and _read(path).get("host") == me["host"]:
+        holder = _read(path)
+        if (holder.get("pid"), holder.get("host")) == (me["pid"], me["host"]):
             path.unlink(missing_ok=True)
