@@ -1,11 +1,21 @@
-"""Distill throughput: the Ray Data -> Serve vLLM pipeline vs bare ``vllm.LLM.generate`` on the same prompts.
+"""Distill throughput: the pipeline (Ray Data -> Ray Serve vLLM -> Parquet) vs bare vLLM on the same conversations.
 
-    .venv/bin/python benchmarks/distill.py [--model DIR] [--num-prompts 512] [--max-tokens 128]
+    .venv/bin/python benchmarks/distill.py                          # single- and multi-turn, ~15 min on 2 cores
+    .venv/bin/python benchmarks/distill.py --workloads multi --conversations 300
+    .venv/bin/python benchmarks/distill.py --driver-memory 200000   # the driver's peak RSS over 200k conversations
 
-Both sides decode the same raw prompts greedily (the pipeline in ``distill.mode=completion``) with the same
-engine settings; the bare run happens in a child process so the two engines never compete for the CPU.
-Generation time excludes engine start-up on both sides; the pipeline's start-up is reported separately.
-Without ``--model`` the embedded tiny model is built in a temp dir (about a minute on CPU).
+What a user pays for is GPU time spent decoding, so both sides get the same unique conversations, the same
+engine settings (fp32, so greedy outputs must match token for token; the table says whether they did) and
+the same rounds: bare vLLM answers round r of every conversation with one ``LLM.chat`` call, then builds round
+r+1 (the fastest plain vLLM can do it: no serving stack, all requests known up front); the pipeline is
+``distill.run``. Generation time is first request to last reply on both sides; start-up (engine, actors) is
+reported separately. Each side runs in its own process, one after the other, so they never share the CPU;
+the pipeline's process is its driver, whose peak RSS is reported.
+
+The model is a tiny Llama built here (cached under ``outputs/bench/``) that counts: "Ticket 52817: count down from 97 to 1."
+is answered with the numbers, 120 to 260 tokens. So bare vLLM on this machine answers tens of requests a
+second with replies of a few hundred tokens, as a GPU serving an 8B model does, and the ratio measures the
+pipeline, not a toy that answers 500 requests a second in 20 tokens each.
 """
 
 from __future__ import annotations
@@ -13,119 +23,220 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CPU_ENGINE_KWARGS = {"gpu_memory_utilization": 0.1, "enforce_eager": True, "max_model_len": 512}
+MODEL_DIR = Path(__file__).resolve().parents[1] / "outputs" / "bench" / "counting-model"
+MODEL_VERSION = 2
+ENGINE_KWARGS = {"gpu_memory_utilization": 0.1, "enforce_eager": True, "max_model_len": 1024, "dtype": "float32"}
+MAX_TOKENS = 384
 
 
-def _prompts(model: str, n: int) -> list[str]:
-    """Raw prompts with the model's chat markers already in the text (completion mode sends text as is)."""
-    from transformers import AutoTokenizer
-
-    from medusa_ray.tiny import corpus
-
-    tok = AutoTokenizer.from_pretrained(model)
-    convs = corpus.conversations(n, seed=1234, max_user_turns=1)
-    questions = [next(m["content"] for m in c if m["role"] == "user") for c in convs]
-    if not tok.chat_template:
-        return questions
-    return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in questions]
+def _count_task(rng: random.Random) -> tuple[str, str]:
+    # Counting down ends the same way every time ("..., 2, 1."), which a tiny model learns to stop at.
+    # The ticket number makes every prompt unique; the answer does not depend on it.
+    a, ticket = rng.randrange(60, 131), rng.randrange(10_000, 100_000)
+    return f"Ticket {ticket}: count down from {a} to 1.", ", ".join(str(i) for i in range(a, 0, -1)) + "."
 
 
-def _bare(model: str, prompts: list[str], max_tokens: int, engine_kwargs: dict) -> dict:
+def conversations(n: int, turns: int, seed: int) -> list[list[dict[str, str]]]:
+    """``n`` distinct conversations of ``turns`` user turns (with the source's answers, which distill drops)."""
+    rng, seen, out = random.Random(seed), set(), []
+    while len(out) < n:
+        messages = []
+        for _ in range(turns):
+            question, answer = _count_task(rng)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        key = json.dumps(messages)
+        if key not in seen:
+            seen.add(key)
+            out.append(messages)
+    return out
+
+
+def counting_model() -> str:
+    """The benchmark's model, built once (about 10 minutes on 2 cores) and reused."""
+    from medusa_ray.tiny import make_tiny_model
+
+    marker = MODEL_DIR / "medusa_ray_tiny.json"
+    if marker.exists() and json.loads(marker.read_text()).get("bench_version") == MODEL_VERSION:
+        return str(MODEL_DIR)
+    print(f"building the counting model in {MODEL_DIR} (once)", flush=True)
+    convs = conversations(3000, 1, seed=7) + conversations(2000, 2, seed=8) + conversations(2000, 3, seed=9)
+    make_tiny_model(MODEL_DIR, pretrain_steps=600, conversations=convs, max_length=800)
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**meta, "bench_version": MODEL_VERSION}, indent=2))
+    return str(MODEL_DIR)
+
+
+def _write_prompts(path: Path, convs) -> None:
+    with open(path, "w") as f:
+        for messages in convs:
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+# ---------------------------------------------------------------- the two sides, each in its own process
+
+
+def bare(model: str, prompts: str, out: str) -> dict:
+    """Round by round with ``LLM.chat``; writes ``{id: messages}`` to ``out``."""
     from vllm import LLM, SamplingParams
 
+    from medusa_ray.data import read_conversations
+    from medusa_ray.distill import plan_rounds
+
+    convs = read_conversations(prompts).conversations
     t0 = time.perf_counter()
-    llm = LLM(model=model, seed=0, **engine_kwargs)
+    llm = LLM(model=model, seed=0, **ENGINE_KWARGS)
     startup = time.perf_counter() - t0
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    llm.generate(prompts[:4], params, use_tqdm=False)  # warm-up, like the pipeline's first batch
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    llm.chat([[{"role": "user", "content": "Ticket 10000: count down from 9 to 1."}]] * 4, params, use_tqdm=False)  # warm-up
+    active = [(c.id, plan_rounds(c.messages, "chat"), []) for c in convs]
+    results, tokens, requests = {}, 0, 0
     t1 = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    for r in range(max(len(rounds) for _, rounds, _ in active)):
+        active = [a for a in active if r < len(a[1])]
+        if not active:
+            break
+        outputs = llm.chat([history + rounds[r] for _, rounds, history in active], params, use_tqdm=False)
+        requests += len(active)
+        still = []
+        for (cid, rounds, history), output in zip(active, outputs):
+            o = output.outputs[0]
+            tokens += len(o.token_ids)
+            if not o.text.strip():
+                continue  # distill drops a conversation the model answers with nothing
+            history += rounds[r] + [{"role": "assistant", "content": o.text}]
+            if o.finish_reason == "length" or r + 1 == len(rounds):
+                results[cid] = history  # a cut-off reply ends its conversation, as in distill
+            else:
+                still.append((cid, rounds, history))
+        active = still
     elapsed = time.perf_counter() - t1
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"tokens": tokens, "elapsed_s": elapsed, "startup_s": startup}
+    Path(out).write_text(json.dumps(results))
+    return {"tokens": tokens, "requests": requests, "elapsed_s": elapsed, "startup_s": startup}
 
 
-def _pipeline(model: str, prompts: list[str], args, engine_kwargs: dict) -> dict:
+def pipeline(model: str, prompts: str, out_dir: str, max_tokens: int = MAX_TOKENS) -> dict:
     from medusa_ray import distill
     from medusa_ray.config import build_config
 
-    work = Path(tempfile.mkdtemp(prefix="distill-bench-"))
-    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     cfg = build_config({
         "model": model,
         "ray": {"num_cpus": 8},
-        "distill": {"input": str(work / "prompts.jsonl"), "output_dir": str(work / "out"), "mode": "completion",
-                    "max_tokens": args.max_tokens, "engine_kwargs": engine_kwargs, "batch_size": args.batch_size,
-                    "concurrency": args.concurrency, "shard_size": max(len(prompts), 1)},
+        "distill": {"input": prompts, "output_dir": out_dir, "max_tokens": max_tokens,
+                    "engine_kwargs": ENGINE_KWARGS},
     })
+    t0 = time.perf_counter()
     s = distill.run(cfg)
     return {"tokens": s.generated_tokens, "elapsed_s": s.elapsed_s, "startup_s": s.startup_s,
-            "rows": s.rows_out, "dropped": s.failed + s.truncated + s.empty}
+            "wall_s": time.perf_counter() - t0, "rows": s.rows_out, "records": s.rows_in,
+            "failed": s.failed, "empty": s.empty, "truncated": s.truncated,
+            # ru_maxrss is KiB on Linux: the peak of this process (the driver) alone, not Ray's workers.
+            "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _child(side: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", side, *args], capture_output=True, text=True)
+    tagged = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not tagged:
+        raise SystemExit(f"{side} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(tagged[-1].removeprefix("RESULT "))
+
+
+def _pipeline_outputs(out_dir: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    return {r["id"]: r["messages"] for f in sorted(out_dir.glob("*.parquet"))
+            for r in pq.read_table(f, columns=["id", "messages"]).to_pylist()}
+
+
+def throughput(model: str, workload: str, n: int, work: Path) -> dict:
+    turns = 1 if workload == "single" else 3
+    prompts = work / f"{workload}.jsonl"
+    _write_prompts(prompts, conversations(n, turns, seed=100 + turns))
+    b = _child("bare", model, str(prompts), str(work / f"{workload}-bare.json"))
+    p = _child("pipeline", model, str(prompts), str(work / f"{workload}-out"))
+    expected = json.loads((work / f"{workload}-bare.json").read_text())
+    got = _pipeline_outputs(work / f"{workload}-out")
+    same = sum(got.get(cid) == messages for cid, messages in expected.items())
+    return {"workload": workload, "conversations": n, "turns": turns, "bare": b, "pipeline": p,
+            "identical": f"{same}/{len(expected)}" + ("" if len(got) == len(expected) else f" ({len(got)} rows)")}
+
+
+def _tps(side: dict) -> float:
+    return side["tokens"] / side["elapsed_s"] if side["elapsed_s"] else 0.0
+
+
+def print_table(results: list[dict]) -> None:
+    head = (f"{'workload':<13}{'convs':>7}{'requests':>9}{'bare tok/s':>12}{'bare req/s':>11}"
+            f"{'tokens/reply':>13}{'pipeline tok/s':>15}{'ratio':>7}{'start-up s':>11}{'driver MiB':>11}"
+            f"{'identical':>11}")
+    print("\n" + head)
+    for r in results:
+        b, p = r["bare"], r["pipeline"]
+        name = f"{r['workload']} ({r['turns']}t)"
+        print(f"{name:<13}"
+              f"{r['conversations']:>7}{b['requests']:>9}{_tps(b):>12.0f}{b['requests'] / b['elapsed_s']:>11.1f}"
+              f"{b['tokens'] / b['requests']:>13.0f}{_tps(p):>15.0f}{_tps(p) / _tps(b):>7.2f}"
+              f"{p['startup_s']:>11.1f}{p['driver_peak_rss_mib']:>11.0f}{r['identical']:>11}")
+    print("bare: vllm.LLM.chat per round (start-up excluded, bare start-up "
+          + ", ".join(f"{r['bare']['startup_s']:.0f} s" for r in results) + "); pipeline: distill.run, "
+          "generation from first request to last reply; start-up = run start to first request.")
+
+
+def driver_memory(model: str, n: int, work: Path) -> None:
+    """The driver's peak RSS distilling ``n`` conversations (3 user turns, 8-token replies) vs 1,000."""
+    rows = []
+    for count in (1000, n):
+        prompts = work / f"memory-{count}.jsonl"
+        _write_prompts(prompts, conversations(count, 3, seed=count))
+        size = prompts.stat().st_size / 2**20
+        p = _child("pipeline", model, str(prompts), str(work / f"memory-{count}-out"), "8")
+        rows.append((count, size, p))
+    print(f"\n{'conversations':>14}{'input MiB':>11}{'rows written':>14}{'wall s':>9}{'driver peak RSS MiB':>21}")
+    for count, size, p in rows:
+        print(f"{count:>14}{size:>11.0f}{p['rows']:>14}{p['wall_s']:>9.0f}{p['driver_peak_rss_mib']:>21.0f}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model dir (default: build the tiny model)")
-    p.add_argument("--num-prompts", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64, help="= distill.batch_size")
-    p.add_argument("--concurrency", type=int, default=1, help="= distill.concurrency")
-    p.add_argument("--engine-kwargs", default=None, help="JSON vLLM kwargs (default: small CPU settings on CPU)")
-    p.add_argument("--bare-only", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model dir (default: the counting model, built once)")
+    ap.add_argument("--workloads", default="single,multi", help="single, multi or both (comma-separated)")
+    ap.add_argument("--conversations", type=int, help="per workload (default: 3600 single-turn, 900 multi-turn)")
+    ap.add_argument("--driver-memory", type=int, metavar="N", help="measure the driver's peak RSS over N "
+                    "conversations instead of throughput")
+    ap.add_argument("--work-dir", help="where prompts and outputs go (default: a temp dir)")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
 
-    engine_kwargs = json.loads(args.engine_kwargs) if args.engine_kwargs else {}
-    if args.engine_kwargs is None:
-        import torch
-
-        engine_kwargs = {} if torch.cuda.is_available() else CPU_ENGINE_KWARGS
-    model = args.model
-    if model is None:
-        from medusa_ray.tiny import make_tiny_model
-
-        model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="tiny-")) / "tiny", pretrain_steps=150))
-    prompts = _prompts(model, args.num_prompts)
-
-    if args.bare_only:
-        # vLLM keeps logging to stdout while it shuts down: tag our line so the parent can find it.
-        print("BARE_RESULT " + json.dumps(_bare(model, prompts, args.max_tokens, engine_kwargs)), flush=True)
+    if args.child:
+        side, *rest = args.child
+        result = bare(*rest) if side == "bare" else pipeline(*rest[:3], *(int(x) for x in rest[3:]))
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
-    child = subprocess.run(
-        [sys.executable, __file__, "--bare-only", "--model", model, "--num-prompts", str(args.num_prompts),
-         "--max-tokens", str(args.max_tokens), "--engine-kwargs", json.dumps(engine_kwargs)],
-        capture_output=True, text=True, check=True,
-    )
-    tagged = [line for line in child.stdout.splitlines() if line.startswith("BARE_RESULT ")]
-    if not tagged:
-        raise SystemExit(f"bare vLLM run printed no result:\n{child.stdout[-2000:]}\n{child.stderr[-2000:]}")
-    bare = json.loads(tagged[-1].removeprefix("BARE_RESULT "))
-    pipe = _pipeline(model, prompts, args, engine_kwargs)
-
-    def tps(r: dict) -> float:
-        return r["tokens"] / r["elapsed_s"] if r["elapsed_s"] > 0 else 0.0
-
-    ratio = tps(pipe) / tps(bare) if tps(bare) > 0 else 0.0
-    print()
-    print(f"distill throughput: {args.num_prompts} prompts, max_tokens={args.max_tokens}, greedy, model={model}")
-    print(f"{'':<28}{'tokens':>10}{'gen time (s)':>14}{'tokens/s':>12}{'start-up (s)':>14}")
-    print(f"{'bare vllm.LLM.generate':<28}{bare['tokens']:>10}{bare['elapsed_s']:>14.2f}{tps(bare):>12.1f}"
-          f"{bare['startup_s']:>14.1f}")
-    print(f"{'Ray Data -> Serve pipeline':<28}{pipe['tokens']:>10}{pipe['elapsed_s']:>14.2f}{tps(pipe):>12.1f}"
-          f"{pipe['startup_s']:>14.1f}")
-    print(f"{'ratio (pipeline / bare)':<28}{ratio:>48.2f}")
-    print(f"pipeline overhead: {pipe['elapsed_s'] - bare['elapsed_s'] * pipe['tokens'] / max(bare['tokens'], 1):.1f} s "
-          f"beyond bare decoding of the same tokens; rows written {pipe['rows']}, dropped {pipe['dropped']}")
+    model = args.model or counting_model()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="distill-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.driver_memory:
+        driver_memory(model, args.driver_memory, work)
+        return
+    defaults = {"single": 3600, "multi": 900}
+    results = []
+    for workload in args.workloads.split(","):
+        results.append(throughput(model, workload, args.conversations or defaults[workload], work))
+        print(json.dumps(results[-1]), flush=True)
+    print_table(results)
 
 
 if __name__ == "__main__":

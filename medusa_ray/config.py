@@ -85,20 +85,29 @@ class DistillConfig(_Section):
     """Where vLLM runs; ``auto``: GPU when the cluster has GPUs or its autoscaler can add them."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to the vLLM engine (e.g. ``max_model_len``, ``tensor_parallel_size``)."""
-    batch_size: int = Field(16, ge=1)
-    """Requests per Ray Data batch sent to the engine."""
+    max_in_flight: Optional[int] = Field(None, ge=1)
+    """Requests kept in flight per vLLM replica, so its continuous batching always has a full batch. Default:
+    ``engine_kwargs.max_num_seqs``, else 256. With autoscaling, also the ongoing requests per replica Serve
+    scales on."""
     concurrency: int = Field(1, ge=1)
-    """Ray Data actors sending requests; each keeps one batch of ``batch_size`` requests in flight."""
+    """Ray Data actors driving conversations (each an asyncio loop holding its share of the requests in flight);
+    one keeps hundreds of requests going."""
     shard_size: int = Field(256, ge=1)
-    """Conversations per output Parquet shard; a shard is the unit of resume."""
+    """Conversations per output Parquet shard (at most): a shard is written once all its conversations are
+    finished, and is the unit of resume."""
     max_retries: int = Field(2, ge=0)
     """Extra attempts for a failed request before it is recorded in ``<output_dir>/errors``. A reply cut at
     ``max_tokens`` is kept as a training row (``finish_reason: length``) and ends its conversation.
     A re-run retries recorded failures (a replica lost to a preemption, a 5xx, a timeout); empty replies and
     invalid inputs stay done (delete ``errors/`` to retry those too)."""
     retry_backoff_s: float = Field(2.0, ge=0.0)
-    """Wait before a pass of retries: this many seconds, doubling with each attempt (at most 60 s), so a
-    restarting replica or an overloaded endpoint gets time to recover."""
+    """Wait before retrying a failed request: this many seconds, doubling with each attempt (at most 60 s), so
+    a restarting replica or an overloaded endpoint gets time to recover."""
+    request_timeout_s: float = Field(600.0, gt=0.0)
+    """A request with no reply after this long counts as failed (and is retried)."""
+    fail_at: Optional[Literal["first_reply", "later_round", "shard_write"]] = None
+    """Testing aid: the run kills itself (SIGKILL, driver and worker) at that point, to exercise resume: the
+    first reply, the first reply of a conversation's third round, or a shard write between file and rename."""
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> "DistillConfig":

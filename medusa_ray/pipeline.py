@@ -66,11 +66,11 @@ def _work_dir(cfg: Config) -> Path:
 
 
 def _split_heldout(cfg: Config, work: Path) -> Config:
-    """Hold the last ``eval.num_prompts`` input conversations back from distillation for evaluation.
+    """Hold ``eval.num_prompts`` input conversations back from distillation for evaluation.
 
     The split is written once and reused, so a re-run distills exactly the same conversations.
     """
-    from medusa_ray.data import read_conversations
+    from medusa_ray.cluster import run_task
 
     train_file, heldout_file = work / "distill_prompts.jsonl", work / "heldout_prompts.jsonl"
     d = cfg.distill
@@ -80,17 +80,79 @@ def _split_heldout(cfg: Config, work: Path) -> Config:
     if not (train_file.exists() and heldout_file.exists()):
         if not cfg.distill.input:
             raise UserError("distill.input is not set: the pipeline needs prompts to distill")
-        read = read_conversations(cfg.distill.input, cfg.distill.format, limit=cfg.distill.limit)
-        conversations = read.conversations
-        n_eval = min(cfg.eval.num_prompts, len(conversations) // 5)
-        if n_eval < 1:
-            raise UserError(f"{cfg.distill.input}: too few conversations ({len(conversations)}) to hold any back "
-                            "for evaluation; set eval.prompts")
-        _write_jsonl(heldout_file, conversations[-n_eval:])
-        _write_jsonl(train_file, conversations[:-n_eval])
+        # A pass over the whole input: a worker's job, not the driver's.
+        split = run_task(write_split, d.input, d.format, d.limit, cfg.eval.num_prompts, str(train_file),
+                         str(heldout_file), name="medusa-ray-split")
+        if split["invalid"]:
+            log.warning("%d invalid records in %s are not distilled, e.g. %s", split["invalid"], d.input,
+                        "; ".join(split["invalid_examples"]))
     overrides = {"distill": {"input": str(train_file), "format": "jsonl", "limit": None},
                  "eval": {"prompts": str(heldout_file)}}
     return _with(cfg, overrides)
+
+
+def write_split(input_path: str, fmt: str, limit: int | None, num_prompts: int, train_file: str,
+                heldout_file: str) -> dict[str, Any]:
+    """Stream the input twice: pick the held-back conversations (the ``num_prompts`` with the smallest hash of
+    their id, so they are spread over the input whatever its order, at most a fifth of it), then write them and
+    everything else to their own files. Memory holds the ids, never the conversations."""
+    import hashlib
+    import heapq
+
+    from medusa_ray.data import Conversation, input_units, iter_records
+
+    _, units = input_units(input_path, fmt)
+
+    def key(cid: str) -> int:
+        return int(hashlib.sha256(f"heldout:{cid}".encode()).hexdigest()[:16], 16)
+
+    distinct: set[str] = set()
+    smallest: list[tuple[int, str]] = []  # a max-heap (negated keys) of the num_prompts smallest keys
+    invalid, examples = 0, []
+    for record in iter_records(units, limit):
+        if not isinstance(record, Conversation):
+            invalid += 1
+            examples = (examples + [f"{record.source}: {record.reason}"])[:3]
+            continue
+        if record.id in distinct:
+            continue
+        distinct.add(record.id)
+        item = (-key(record.id), record.id)
+        if len(smallest) < num_prompts:
+            heapq.heappush(smallest, item)
+        elif item > smallest[0]:
+            heapq.heapreplace(smallest, item)
+    n_eval = min(num_prompts, len(distinct) // 5)
+    if n_eval < 1:
+        raise UserError(f"{input_path}: too few conversations ({len(distinct)}) to hold any back for evaluation; "
+                        "set eval.prompts")
+    heldout = {cid for _, cid in sorted(smallest, reverse=True)[:n_eval]}
+    written: set[str] = set()
+    with _atomic_jsonl(heldout_file) as held, _atomic_jsonl(train_file) as rest:
+        for record in iter_records(units, limit):
+            if isinstance(record, Conversation) and record.id not in written:
+                written.add(record.id)
+                line = json.dumps({"messages": record.messages}, ensure_ascii=False) + "\n"
+                (held if record.id in heldout else rest).write(line)
+    return {"heldout": n_eval, "conversations": len(distinct), "invalid": invalid, "invalid_examples": examples}
+
+
+class _atomic_jsonl:
+    """Write a text file under a temporary name and rename it into place on success."""
+
+    def __init__(self, path: str):
+        self.path, self.tmp = Path(path), Path(path).with_suffix(".tmp")
+
+    def __enter__(self):
+        self.file = open(self.tmp, "w")
+        return self.file
+
+    def __exit__(self, exc_type, *rest):
+        self.file.close()
+        if exc_type is None:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 def _check_fingerprint(path: Path, settings: dict[str, Any], what: str) -> None:
@@ -106,12 +168,6 @@ def _check_fingerprint(path: Path, settings: dict[str, Any], what: str) -> None:
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=2, default=str))
-
-
-def _write_jsonl(path: Path, conversations) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"messages": c.messages}, ensure_ascii=False) + "\n" for c in conversations))
-    tmp.replace(path)
 
 
 def _with(cfg: Config, changes: dict[str, dict[str, Any]]) -> Config:

@@ -2,6 +2,7 @@
 
 One Serve deployment serves the whole module (``distill.run`` reuses a running identical app); a vLLM
 OpenAI server for the endpoint test starts in the background at module start so its start-up overlaps.
+Engines run in fp32: bf16 greedy outputs can depend on what else is in the batch, fp32 ones do not.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import asyncio
+
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -27,7 +31,7 @@ from medusa_ray.distill import plan_rounds
 from medusa_ray.distill.engine import _endpoint_base, parse_reply, serve_deployment
 from medusa_ray.tiny import corpus
 
-ENGINE_KWARGS = {"gpu_memory_utilization": 0.1, "enforce_eager": True, "max_model_len": 512}
+ENGINE_KWARGS = {"gpu_memory_utilization": 0.1, "enforce_eager": True, "max_model_len": 512, "dtype": "float32"}
 MAX_TOKENS = 64
 NUM_PROMPTS = 20
 _SPEAKER = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -48,65 +52,82 @@ def test_rounds_drop_source_answers_and_keep_system_turns():
     assert plan_rounds([s, u1, a1, u2], "completion") == [[{"role": "user", "content": "U1"}]]
 
 
+class _ScriptedClient:
+    """Replies from a script, in order; records what it was sent."""
+
+    def __init__(self, replies):
+        self.replies, self.sent = list(replies), []
+
+    async def complete(self, body):
+        self.sent.append(body)
+        reply = self.replies.pop(0)
+        return {"text": "", "finish_reason": "", "prompt_tokens": 1, "completion_tokens": 0, "error": "", **reply}
+
+
+def _distill_one(messages, replies, overrides=()):
+    """Run one conversation through the real ``Distiller`` UDF with a scripted client: (outcome row, client)."""
+    from medusa_ray.distill.conversation import Distiller
+    from medusa_ray.distill.source import PROMPT_SCHEMA
+
+    client = _ScriptedClient(replies)
+    udf = Distiller(build_config({}, list(overrides)).to_dict(), "m", {}, in_flight=4,
+                    client_factory=lambda spec: client)
+    batch = pa.Table.from_pylist([{"id": "c1", "messages": json.dumps(messages), "source": "f:1", "mode": None,
+                                   "invalid": None}], schema=PROMPT_SCHEMA)
+    (row,) = asyncio.run(udf(batch)).to_pylist()
+    return row, client
+
+
 def test_a_reply_cut_at_max_tokens_is_kept_and_ends_the_conversation():
-    from medusa_ray.data import Conversation
-    from medusa_ray.distill import _Run, _Work
-
-    class Writer:
-        rows, errors = [], []
-
-        def add_row(self, row):
-            self.rows.append(row)
-
-        def add_error(self, error):
-            self.errors.append(error)
-
     messages = [{"role": "user", "content": "count to 100"}, {"role": "assistant", "content": "1 2 3"},
                 {"role": "user", "content": "and back"}, {"role": "assistant", "content": "3 2 1"}]
-    writer = Writer()
-    state = _Run(build_config({}, ["distill.max_tokens=4"]), writer)
-    work = _Work(Conversation("c1", messages, "f:1"), plan_rounds(messages, "chat"))
-    reply = {"text": "1 2 3 4", "finish_reason": "length", "prompt_tokens": 5, "completion_tokens": 4, "error": ""}
-    assert state.handle(work, reply) is False  # no second round after a cut-off reply
-    assert writer.errors == []
-    (row,) = writer.rows
-    assert row["finish_reason"] == "length"
+    row, client = _distill_one(messages, [{"text": "1 2 3 4", "finish_reason": "length", "prompt_tokens": 5,
+                                           "completion_tokens": 4}], ["distill.max_tokens=4"])
+    assert len(client.sent) == 1  # no second round after a cut-off reply
+    assert row["outcome"] == "row" and row["finish_reason"] == "length" and row["generated_tokens"] == 4
     assert row["messages"] == [messages[0], {"role": "assistant", "content": "1 2 3 4"}]
-    assert state.counts == {"written": 1, "failed": 0, "truncated": 1, "empty": 0}
+
+
+def test_each_round_follows_the_models_own_history():
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+                {"role": "assistant", "content": "source answer"}, {"role": "user", "content": "U2"}]
+    row, client = _distill_one(messages, [{"text": "A1", "finish_reason": "stop", "completion_tokens": 2},
+                                          {"text": "A2", "finish_reason": "stop", "completion_tokens": 3}])
+    assert [b["messages"] for b in client.sent] == [
+        messages[:2], messages[:2] + [{"role": "assistant", "content": "A1"}, messages[3]]]
+    assert row["messages"][-1] == {"role": "assistant", "content": "A2"}
+    assert row["completion_tokens"] == 5 and row["prompt_tokens"] == 2
+    # An empty answer ends the conversation as an error, not a row.
+    row, _ = _distill_one(messages, [{"text": " ", "finish_reason": "stop"}])
+    assert row["outcome"] == "empty" and row["round"] == 0
 
 
 def test_failed_requests_are_retried_with_backoff_and_again_on_a_rerun(tmp_path, monkeypatch):
-    from medusa_ray import distill
-    from medusa_ray.data import Conversation
-    from medusa_ray.distill import _Run, _Work
-    from medusa_ray.distill.output import ShardWriter, existing_ids
-
-    messages = [{"role": "user", "content": "hi"}]
-    attempts = []
-
-    def flaky_pass(cfg, engine, works):
-        for w in works:
-            attempts.append(w.attempt)
-            ok = w.attempt == 2  # a replica restarting: the first two attempts fail
-            yield w, {"text": "hello" if ok else "", "finish_reason": "stop" if ok else "", "prompt_tokens": 1,
-                      "completion_tokens": 1 if ok else 0, "error": "" if ok else "503 replica unavailable"}
+    from medusa_ray.distill import conversation
+    from medusa_ray.distill.output import ERROR_SCHEMA, existing_ids
 
     waits = []
-    monkeypatch.setattr(distill, "_run_pass", flaky_pass)
-    monkeypatch.setattr(distill.time, "sleep", waits.append)
-    writer = ShardWriter(tmp_path / "a", 8)
-    state = _Run(build_config({}, ["distill.max_retries=2", "distill.retry_backoff_s=3"]), writer)
-    state.wave(None, [_Work(Conversation("c1", messages, "f:1"), plan_rounds(messages, "chat"))])
-    assert attempts == [0, 1, 2] and waits == [3.0, 6.0]  # waited before each retry pass, longer each time
-    assert state.counts["written"] == 1 and state.counts["failed"] == 0
+
+    async def sleep(seconds):
+        waits.append(seconds)
+
+    monkeypatch.setattr(conversation.asyncio, "sleep", sleep)
+    down = {"error": "503 replica unavailable"}
+    ok = {"text": "hello", "finish_reason": "stop", "completion_tokens": 1}
+    row, client = _distill_one([{"role": "user", "content": "hi"}], [down, down, ok],
+                               ["distill.max_retries=2", "distill.retry_backoff_s=3"])
+    assert len(client.sent) == 3 and waits == [3.0, 6.0]  # waited before each retry, longer each time
+    assert row["outcome"] == "row"
+    row, _ = _distill_one([{"role": "user", "content": "hi"}], [down, down], ["distill.max_retries=1"])
+    assert row["outcome"] == "failed" and row["attempts"] == 2 and "503" in row["error"]
 
     # Recorded failures are not final: a re-run retries them. Empty replies and invalid input stay done.
     out = tmp_path / "b"
-    writer = ShardWriter(out, 8)
-    for cid, reason in (("failed-1", "failed"), ("empty-1", "empty"), ("invalid-1", "invalid")):
-        writer.add_error({"id": cid, "source": "f:1", "reason": reason, "error": "x", "round": 0, "attempts": 3,
-                          "model": "m"})
-    writer.flush()
+    (out / "errors").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(
+        [{"id": cid, "source": "f:1", "reason": reason, "error": "x", "round": 0, "attempts": 3, "model": "m"}
+         for cid, reason in (("failed-1", "failed"), ("empty-1", "empty"), ("invalid-1", "invalid"))],
+        schema=ERROR_SCHEMA), out / "errors" / "errors-a.parquet")
     assert existing_ids(out) == (set(), {"empty-1", "invalid-1"})
 
 
@@ -134,7 +155,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
-    """20 conversations (some multi-turn, some with a system turn): 10 ShareGPT + 10 JSONL, plus 2 bad lines."""
+    """20 conversations (some multi-turn, some with a system turn): 10 ShareGPT + 10 JSONL, plus 2 bad lines and
+    a repeat."""
     convs = corpus.conversations(NUM_PROMPTS, seed=11, max_user_turns=3)
     assert any(sum(m["role"] == "user" for m in c) > 1 for c in convs)
     d = tmp_path_factory.mktemp("prompts")
@@ -144,6 +166,7 @@ def prompts(tmp_path_factory) -> Path:
     lines = [json.dumps({"messages": c}) for c in convs[10:]]
     lines.insert(3, '{"messages": [{"role": "user", "content": "oops"')  # line 4: malformed
     lines.insert(6, json.dumps({"messages": []}))  # line 7: empty conversation
+    lines.append(json.dumps({"messages": convs[0]}))  # a repeat of the first ShareGPT conversation
     (d / "b_messages.jsonl").write_text("\n".join(lines) + "\n")
     return d
 
@@ -156,7 +179,7 @@ def openai_server(tiny_model, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
          "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.1", "--enforce-eager",
-         "--max-model-len", "512", "--disable-log-stats"],
+         "--max-model-len", "512", "--dtype", "float32", "--disable-log-stats"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
     )
     yield f"http://127.0.0.1:{port}", proc, Path(log.name)
@@ -173,7 +196,7 @@ def _cfg(model, input_path, output_dir, **distill_keys):
         "model": str(model),
         "ray": {"num_cpus": 8, "object_store_gb": 1.0},
         "distill": {"input": str(input_path), "output_dir": str(output_dir), "max_tokens": MAX_TOKENS,
-                    "engine_kwargs": ENGINE_KWARGS, "shard_size": 4, "batch_size": 8, **distill_keys},
+                    "engine_kwargs": ENGINE_KWARGS, "shard_size": 4, **distill_keys},
     })
 
 
@@ -190,12 +213,17 @@ def distilled(serve_app, tiny_model, prompts, tmp_path_factory):
     return cfg, distill.run(cfg)
 
 
+def _shards(directory: Path) -> list[Path]:
+    # Complete shards only: pathlib's glob also matches the hidden .tmp- file of a write in progress.
+    return sorted(f for f in directory.glob("*.parquet") if not f.name.startswith("."))
+
+
 def _rows(out: Path) -> list[dict]:
-    return [r for f in sorted(out.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return [r for f in _shards(out) for r in pq.read_table(f).to_pylist()]
 
 
 def _errors(out: Path) -> list[dict]:
-    return [r for f in sorted((out / "errors").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return [r for f in _shards(out / "errors") for r in pq.read_table(f).to_pylist()]
 
 
 # ---------------------------------------------------------------- end to end
@@ -207,7 +235,9 @@ def test_assistant_turns_equal_greedy_vllm_chat(distilled, tiny_model, prompts, 
     rows, errors = _rows(out), _errors(out)
     source = {c.id: c for c in read_conversations(prompts).conversations}
     assert len(source) == NUM_PROMPTS
-    assert summary.rows_in == NUM_PROMPTS + 2 and summary.invalid == 2
+    assert summary.rows_in == NUM_PROMPTS + 3 and summary.invalid == 2 and summary.duplicates == 1
+    assert summary.shards == len(_shards(out)) and all(
+        pq.ParquetFile(f).metadata.num_rows <= 4 for f in _shards(out))  # shard_size
     assert summary.rows_out == len(rows) and summary.rows_out >= NUM_PROMPTS // 2
     assert summary.rows_out + summary.failed + summary.empty == NUM_PROMPTS
     # Replies cut at max_tokens are kept as rows (finish_reason "length"), never recorded as errors.
@@ -267,27 +297,27 @@ def test_bad_lines_are_reported_with_location(distilled, prompts):
     assert invalid[f"{jsonl}:7"]["error"] == "empty conversation"
 
 
-def test_killed_run_resumes_without_loss_or_duplicates(distilled, ray_session, tiny_model, prompts, tmp_path):
+@pytest.mark.parametrize("fail_at", ["first_reply", "later_round", "shard_write"])
+def test_killed_run_resumes_without_loss_or_duplicates(fail_at, distilled, ray_session, tiny_model, prompts,
+                                                       tmp_path):
+    """Killed (driver and worker, SIGKILL) during the first round, mid multi-turn, and between writing a shard and
+    renaming it: the re-run finds every input conversation exactly once across data and errors/."""
     out = tmp_path / "out"
-    cfg = _cfg(tiny_model, prompts, out, shard_size=2, batch_size=4)
+    cfg = _cfg(tiny_model, prompts, out, shard_size=2)
     cfg_file = tmp_path / "distill.yaml"
     tree = cfg.to_dict()
     tree["ray"]["address"] = ray_session.get_runtime_context().gcs_address  # joins our cluster: reuses the app
+    tree["distill"]["fail_at"] = fail_at
     cfg_file.write_text(yaml.safe_dump(tree))
-    log = open(tmp_path / "cli.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "medusa_ray", "distill", "--config", str(cfg_file)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while not list(out.glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    log.close()
+    log = tmp_path / "cli.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "medusa_ray", "distill", "--config", str(cfg_file)],
+                              stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     first = {r["id"] for r in _rows(out)}
-    assert first, (tmp_path / "cli.log").read_text()[-3000:]
-    assert proc.returncode == -signal.SIGKILL
-    assert len(first) < NUM_PROMPTS  # really interrupted mid-way (multi-turn rounds were still pending)
-    (out / ".tmp-shard-junk.parquet").write_text("half-written")  # what a kill mid-write would leave
+    assert len(first) < NUM_PROMPTS  # really interrupted mid-way
+    if fail_at == "shard_write":
+        assert list(out.glob(".tmp-*")) or list((out / "errors").glob(".tmp-*"))  # died holding a half shard
 
     summary = distill.run(cfg)
     ids = [r["id"] for r in _rows(out)] + [e["id"] for e in _errors(out)]
@@ -295,13 +325,14 @@ def test_killed_run_resumes_without_loss_or_duplicates(distilled, ray_session, t
     assert len(ids) == len(set(ids)) == NUM_PROMPTS + 2
     assert expected <= set(ids)
     assert summary.skipped >= len(first)
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob(".tmp-*")) and not list((out / "errors").glob(".tmp-*"))
     # The second run's rows equal the uninterrupted run's: greedy output does not depend on the kill.
     reference = {r["id"]: r["messages"] for r in _rows(Path(distilled[0].distill.output_dir))}
     assert {r["id"]: r["messages"] for r in _rows(out)} == reference
-
-    again = distill.run(cfg)  # nothing left: no engine is started, nothing is written
-    assert again.rows_out == 0 and again.skipped == NUM_PROMPTS + 2 and again.shards == 0
+    if fail_at == "first_reply":
+        again = distill.run(cfg)  # nothing left: no engine is started, nothing is written
+        assert again.rows_out == 0 and again.skipped == NUM_PROMPTS + 2 and again.shards == 0
+        assert again.duplicates == 1 and again.startup_s == 0
 
 
 def test_endpoint_openai_server(openai_server, distilled, tiny_model, prompts, tmp_path):
@@ -330,9 +361,12 @@ def test_endpoint_openai_server(openai_server, distilled, tiny_model, prompts, t
 
 
 class _FlakyEndpoint:
-    """An OpenAI-style server: serves ``served``; answers prompts containing "down" with 503, others with "ok"."""
+    """An OpenAI-style server: serves ``served``; while ``down``, answers prompts containing "down" with 503;
+    everything else with "ok"."""
 
     def __init__(self, served: str):
+        self.down = True
+        endpoint = self
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         import threading
 
@@ -353,7 +387,7 @@ class _FlakyEndpoint:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if "down" in body["messages"][-1]["content"]:
+                if endpoint.down and "down" in body["messages"][-1]["content"]:
                     return self._json(503, {"error": {"message": "replica restarting"}})
                 self._json(200, {"choices": [{"message": {"role": "assistant", "content": "ok"},
                                               "finish_reason": "stop"}],
@@ -377,9 +411,15 @@ def test_endpoint_failures_become_error_rows_and_a_wrong_model_is_one_line(ray_s
 
     out = tmp_path / "out"
     summary = distill.run(_cfg("served-model", prompts, out, endpoint=endpoint.url, max_retries=1,
-                               retry_backoff_s=0.1, batch_size=5))
+                               retry_backoff_s=0.1))
     assert summary.rows_out == 3 and summary.failed == 2
     assert {e["reason"] for e in _errors(out)} == {"failed"} and "503" in _errors(out)[0]["error"]
+
+    # The replicas are back: a re-run retries the failures, and their old error rows go (each prompt once).
+    endpoint.down = False
+    summary = distill.run(_cfg("served-model", prompts, out, endpoint=endpoint.url))
+    assert summary.rows_out == 2 and summary.skipped == 3 and summary.failed == 0
+    assert len(_rows(out)) == 5 and _errors(out) == []
     endpoint.server.shutdown()
 
 

@@ -9,6 +9,11 @@ saved ``datasets`` dataset, as its ``*.parquet`` files, or as its ``*.json``/``*
 Records may be shaped like ShareGPT (``{"conversations": [{"from": "human", "value": ...}]}``), like
 OpenAI messages (``{"messages": [{"role": "user", "content": ...}]}``) or a bare prompt (``{"prompt": ...}``)
 in any of the containers.
+
+Every reader streams: ``input_units(path)`` lists the files (or saved dataset) an input consists of, and
+``iter_unit(unit)`` yields its records one at a time, so distill's Ray Data source (``distill/source.py``)
+and the small driver-side reads here share one parser and one memory profile, whatever the input's size.
+A ShareGPT file (one JSON array, often on a single line) is decoded element by element from 1 MiB chunks.
 """
 
 from __future__ import annotations
@@ -146,11 +151,36 @@ def _prompt_files(directory: Path) -> list[Path]:
     return sorted(f for f in directory.iterdir() if f.suffix in (".json", ".jsonl") and f.is_file())
 
 
-def _iter_files(directory: Path):
-    """A directory of ShareGPT/JSONL files, each detected on its own (read in name order)."""
-    for file in _prompt_files(directory):
-        fmt = detect_format(file)
-        yield from (_iter_json_array if fmt == "sharegpt" else _iter_jsonl)(file)
+@dataclass(frozen=True)
+class InputUnit:
+    """One file of an input (or a whole saved ``datasets`` dir) and the reader for it."""
+
+    path: str
+    format: str
+    """``sharegpt`` | ``jsonl`` | ``parquet`` | ``hf``."""
+
+
+def input_units(path: str | Path, fmt: str = "auto") -> tuple[str, list[InputUnit]]:
+    """(the input's format, its units in read order); raises UserError for a missing or unreadable input."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"input {p} does not exist")
+    fmt = detect_format(p) if fmt == "auto" else fmt
+    if fmt not in FORMATS + ("files",):
+        raise UserError(f"unknown input format {fmt!r} (one of {', '.join(FORMATS)})")
+    if fmt in ("sharegpt", "jsonl") and p.is_dir():
+        raise UserError(f"input {p} is a directory, but format {fmt} needs a file")
+    if fmt == "files":
+        return fmt, [InputUnit(str(f), detect_format(f)) for f in _prompt_files(p)]
+    if fmt == "parquet" and p.is_dir():
+        return fmt, [InputUnit(str(f), "parquet") for f in sorted(p.glob("*.parquet"))]
+    return fmt, [InputUnit(str(p), fmt)]
+
+
+def iter_unit(unit: InputUnit) -> Iterator[tuple[str, Any, str | None, str | None]]:
+    """(location, record or None, error or None, raw text or None) for every record of ``unit``."""
+    readers = {"sharegpt": _iter_json_array, "jsonl": _iter_jsonl, "parquet": _iter_parquet, "hf": _iter_hf}
+    return readers[unit.format](Path(unit.path))
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any, str | None, str | None]]:
@@ -166,44 +196,90 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any, str | None, str | None]]
                 yield loc, None, f"not valid JSON: {exc.msg} (column {exc.colno})", line
 
 
+_CHUNK_CHARS = 1 << 20
+_WS = " \t\r\n"
+
+
+class _ArrayStream:
+    """A JSON array decoded element by element from a file read in chunks: memory is one element plus a chunk,
+    not the file (ShareGPT dumps run to gigabytes, often on one line). Tracks line and column for messages."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path = f, path
+        self.buf, self.pos, self.eof = "", 0, False
+        self.buf_line, self.buf_col = 1, 0  # where buf[0] sits in the file
+        self.counted, self.line = 0, 1  # line number at buf[counted]
+
+    def more(self) -> bool:
+        """Drop what was consumed, append a chunk; False at the end of the file."""
+        if self.eof:
+            return False
+        consumed = self.buf[: self.pos]
+        newlines = consumed.count("\n")
+        self.line += consumed.count("\n", self.counted)
+        self.counted = 0
+        if newlines:
+            self.buf_line += newlines
+            self.buf_col = self.pos - consumed.rfind("\n") - 1
+        else:
+            self.buf_col += self.pos
+        chunk = self.f.read(_CHUNK_CHARS)
+        self.buf, self.pos = self.buf[self.pos:] + chunk, 0
+        self.eof = not chunk
+        return bool(chunk)
+
+    def line_at(self, at: int) -> int:
+        self.line += self.buf.count("\n", self.counted, at)
+        self.counted = at
+        return self.line
+
+    def skip_ws(self) -> str:
+        """The next non-blank character ('' at the end of the file), not consumed."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in _WS:
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.more():
+                return ""
+
+    def where(self, lineno: int, colno: int) -> str:
+        """``path:line:col`` of a JSONDecodeError position in the current buffer."""
+        return f"{self.path}:{self.buf_line + lineno - 1}:{colno + (self.buf_col if lineno == 1 else 0)}"
+
+
 def _iter_json_array(path: Path) -> Iterator[tuple[str, Any, str | None, str | None]]:
     """Decode a JSON array element by element so every record knows its line number."""
-    text = path.read_text(encoding="utf-8", errors="replace")
     decoder = json.JSONDecoder()
-    ws = " \t\r\n"
-    pos = len(text) - len(text.lstrip(ws))
-    if not text.startswith("[", pos):
-        raise UserError(f"{path}: a ShareGPT file must be a JSON array of conversations")
-    pos += 1
-    line, counted = 1, 0
-
-    def lineno(at: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, at)
-        counted = at
-        return line
-
-    while True:
-        while pos < len(text) and text[pos] in ws:
-            pos += 1
-        if pos < len(text) and text[pos] == "]":
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        s = _ArrayStream(f, path)
+        if s.skip_ws() != "[":
+            raise UserError(f"{path}: a ShareGPT file must be a JSON array of conversations")
+        s.pos += 1
+        if s.skip_ws() == "]":
             return
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            # Past a syntax error the array's structure is unknowable: stop with the exact spot.
-            raise UserError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
-        yield f"{path}:{lineno(pos)}", obj, None, text[pos:end]
-        pos = end
-        while pos < len(text) and text[pos] in ws:
-            pos += 1
-        if pos < len(text) and text[pos] == ",":
-            pos += 1
-        elif pos < len(text) and text[pos] == "]":
-            return
-        else:
-            where = lineno(pos)
-            raise UserError(f"{path}:{where}: not valid JSON: expected ',' or ']' after a conversation")
+        while True:
+            try:
+                obj, end = decoder.raw_decode(s.buf, s.pos)
+                if end == len(s.buf) and not s.eof:
+                    raise json.JSONDecodeError("element may continue", s.buf, end)
+            except json.JSONDecodeError as exc:
+                where = s.where(exc.lineno, exc.colno)  # before more() moves the buffer
+                if s.more():
+                    continue  # the element runs past this chunk: decode it again with more text
+                # Past a syntax error the array's structure is unknowable: stop with the exact spot.
+                raise UserError(f"{where}: not valid JSON: {exc.msg}") from None
+            yield f"{path}:{s.line_at(s.pos)}", obj, None, s.buf[s.pos:end]
+            s.pos = end
+            following = s.skip_ws()
+            if following == ",":
+                s.pos += 1
+                s.skip_ws()
+            elif following == "]":
+                return
+            else:
+                raise UserError(f"{path}:{s.line_at(s.pos)}: not valid JSON: expected ',' or ']' after a "
+                                "conversation")
 
 
 def _iter_rows(rows: Iterator[dict], name: str) -> Iterator[tuple[str, Any, str | None, str | None]]:
@@ -211,25 +287,23 @@ def _iter_rows(rows: Iterator[dict], name: str) -> Iterator[tuple[str, Any, str 
         yield f"{name}[row {i}]", row, None, None
 
 
-def _iter_parquet(path: Path):
+def _iter_parquet(file: Path):
     import pyarrow.parquet as pq
 
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    for file in files:
-        try:
-            pf = pq.ParquetFile(file)
-        except Exception as exc:
-            raise UserError(f"{file}: not a readable Parquet file: {exc}") from None
-        columns = [c for c in ("messages", "conversations", "prompt") if c in pf.schema_arrow.names]
-        if columns and "mode" in pf.schema_arrow.names:
-            columns.append("mode")
-        if not columns:
-            raise UserError(f"{file}: no 'messages' (or 'conversations'/'prompt') column; has {pf.schema_arrow.names}")
-        offset = 0
-        for batch in pf.iter_batches(columns=columns, batch_size=1024):
-            for i, row in enumerate(batch.to_pylist()):
-                yield f"{file}[row {offset + i}]", row, None, None
-            offset += batch.num_rows
+    try:
+        pf = pq.ParquetFile(file)
+    except Exception as exc:
+        raise UserError(f"{file}: not a readable Parquet file: {exc}") from None
+    columns = [c for c in ("messages", "conversations", "prompt") if c in pf.schema_arrow.names]
+    if columns and "mode" in pf.schema_arrow.names:
+        columns.append("mode")
+    if not columns:
+        raise UserError(f"{file}: no 'messages' (or 'conversations'/'prompt') column; has {pf.schema_arrow.names}")
+    offset = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=1024):
+        for i, row in enumerate(batch.to_pylist()):
+            yield f"{file}[row {offset + i}]", row, None, None
+        offset += batch.num_rows
 
 
 def _iter_hf(path: Path):
@@ -253,41 +327,45 @@ def _iter_hf(path: Path):
     yield from _iter_rows(iter(ds), name)
 
 
-def read_conversations(path: str | Path, fmt: str = "auto", limit: int | None = None) -> ReadResult:
-    """Read and validate the first ``limit`` records of ``path``; see the module docstring."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"input {p} does not exist")
-    fmt = detect_format(p) if fmt == "auto" else fmt
-    if fmt not in FORMATS + ("files",):
-        raise UserError(f"unknown input format {fmt!r} (one of {', '.join(FORMATS)})")
-    if fmt in ("sharegpt", "jsonl") and p.is_dir():
-        raise UserError(f"input {p} is a directory, but format {fmt} needs a file")
-    readers = {"sharegpt": _iter_json_array, "jsonl": _iter_jsonl, "parquet": _iter_parquet, "hf": _iter_hf,
-               "files": _iter_files}
-    records = readers[fmt](p)
+def to_record(loc: str, record: Any, error: str | None, raw: str | None) -> Conversation | InvalidRecord:
+    """One raw record -> a normalized conversation with its id, or the reason it is invalid."""
+    if error is None:
+        try:
+            messages = normalize_record(record)
+        except ValueError as exc:
+            error = str(exc)
+    if error is not None:
+        raw_text = raw if raw is not None else json.dumps(record, default=str, sort_keys=True)
+        return InvalidRecord(id=_raw_id(f"{loc}\n{raw_text}"), source=loc, reason=error)
+    mode = record.get("mode") if record.get("mode") in ("chat", "completion") else None
+    return Conversation(id=conversation_id(messages), messages=messages, source=loc, mode=mode)
 
+
+def iter_records(units: list[InputUnit], limit: int | None = None) -> Iterator[Conversation | InvalidRecord]:
+    """Every record of ``units`` in order (the first ``limit``), duplicates included."""
+    count = 0
+    for unit in units:
+        for raw in iter_unit(unit):
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield to_record(*raw)
+
+
+def read_conversations(path: str | Path, fmt: str = "auto", limit: int | None = None) -> ReadResult:
+    """Read and validate the first ``limit`` records of ``path`` into memory: for small inputs (eval prompts,
+    tests). Distillation streams its input through Ray Data instead (``distill/source.py``)."""
+    fmt, units = input_units(path, fmt)
     result = ReadResult(format=fmt)
     seen: set[str] = set()
-    for loc, record, error, raw in records:
-        if limit is not None and result.records >= limit:
-            break
-        if error is None:
-            try:
-                messages = normalize_record(record)
-            except ValueError as exc:
-                error = str(exc)
-        if error is not None:
-            raw_text = raw if raw is not None else json.dumps(record, default=str, sort_keys=True)
-            result.invalid.append(InvalidRecord(id=_raw_id(f"{loc}\n{raw_text}"), source=loc, reason=error))
-            continue
-        cid = conversation_id(messages)
-        if cid in seen:
+    for record in iter_records(units, limit):
+        if isinstance(record, InvalidRecord):
+            result.invalid.append(record)
+        elif record.id in seen:
             result.duplicates += 1
-            continue
-        seen.add(cid)
-        mode = record.get("mode") if record.get("mode") in ("chat", "completion") else None
-        result.conversations.append(Conversation(id=cid, messages=messages, source=loc, mode=mode))
+        else:
+            seen.add(record.id)
+            result.conversations.append(record)
     return result
 
 

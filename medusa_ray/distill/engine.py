@@ -1,12 +1,14 @@
 """Where requests go: a Ray Serve vLLM deployment (started once per run) or an existing OpenAI-compatible server.
 
-``open_engine(cfg)`` yields an ``Engine`` and tears down only what it started. ``Engine.processor()``
-builds the ``ray.data.llm`` processor that maps request rows to normalized reply rows
-(``key, text, finish_reason, prompt_tokens, completion_tokens, error``).
+``open_engine(cfg)`` yields an ``Engine`` and tears down only what it started. ``Engine.client_spec()`` is what
+a Ray Data actor needs to build its ``Client``: ``ServeClient`` calls the deployment through its handle (as
+``ray.data.llm``'s Serve processor does), ``HttpClient`` POSTs to the endpoint. A client's ``complete(body)``
+never raises: every failure comes back as a reply with ``error`` set, for the caller to retry or record.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -27,6 +29,9 @@ from medusa_ray.errors import UserError
 log = logging.getLogger(__name__)
 
 APP_PREFIX = "medusa-distill"
+DEFAULT_IN_FLIGHT = 256
+"""Requests kept in flight per replica unless ``distill.max_in_flight`` or ``max_num_seqs`` say otherwise: vLLM's
+default batch on a GPU (``max_num_seqs``), so its continuous batching always has a full batch to schedule."""
 
 
 @dataclass
@@ -34,12 +39,12 @@ class Engine:
     model_id: str
     """The ``model`` field requests carry: the served model name."""
     mode: str
-    batch_size: int
-    concurrency: int
+    in_flight: int
+    """Requests to keep in flight in all: per replica times the (largest) number of replicas."""
+    request_timeout_s: float
     app_name: Optional[str] = None
     url: Optional[str] = None
     headers: Optional[dict[str, str]] = None
-    max_retries: int = 0
     started: bool = False
     """Whether this run started the deployment (and so tears it down) or reused a running one."""
 
@@ -63,84 +68,81 @@ class Engine:
             return f"endpoint {self.url}"
         return f"Serve app {self.app_name}" + ("" if self.started else " (already running, reused)")
 
-    def processor(self):
-        """Dataset -> dataset: rows ``{key, request}`` (an OpenAI body as JSON) -> ``{key, text, finish_reason,
-        prompt_tokens, completion_tokens, error}``. A ``ray.data.llm`` processor for the Serve app; for an
-        endpoint, ``_EndpointCaller``."""
+    def client_spec(self) -> dict[str, Any]:
+        """Plain data a Ray Data actor turns into its ``Client`` (``make_client``)."""
         if self.url:
             path = "/chat/completions" if self.mode == "chat" else "/completions"
-            caller = {"url": self.url + path, "headers": self.headers or {}, "mode": self.mode,
-                      "max_retries": self.max_retries}
-            return lambda ds: ds.map_batches(_EndpointCaller, fn_constructor_kwargs=caller, batch_size=self.batch_size,
-                                             concurrency=self.concurrency, num_cpus=0.5)
+            return {"kind": "http", "url": self.url + path, "headers": self.headers or {}, "mode": self.mode,
+                    "timeout_s": self.request_timeout_s}
+        return {"kind": "serve", "app_name": self.app_name, "deployment": _deployment_name(self.app_name),
+                "mode": self.mode, "timeout_s": self.request_timeout_s}
 
-        from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
+
+def failed_reply(error: str) -> dict[str, Any]:
+    return {"text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": error}
+
+
+def make_client(spec: dict[str, Any]):
+    spec = dict(spec)
+    return (ServeClient if spec.pop("kind") == "serve" else HttpClient)(**spec)
+
+
+class ServeClient:
+    """Requests through the Serve deployment's handle: no HTTP proxy, the router balances across replicas."""
+
+    def __init__(self, app_name: str, deployment: str, mode: str, timeout_s: float):
+        from ray import serve
+        # The request models import vLLM (seconds of CPU): at start-up, not on the first request.
         from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-        method = "chat" if self.mode == "chat" else "completions"
-        dtype = "ChatCompletionRequest" if self.mode == "chat" else "CompletionRequest"
-        config = ServeDeploymentProcessorConfig(
-            deployment_name=_deployment_name(self.app_name),
-            app_name=self.app_name,
-            dtype_mapping={"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest},
-            # A bad row becomes an error row (retried, then recorded) instead of failing the whole run.
-            should_continue_on_error=True,
-            batch_size=self.batch_size,
-            concurrency=self.concurrency,
-        )
-        mode = self.mode
-        return build_processor(
-            config,
-            preprocess=lambda row: {"method": method, "dtype": dtype, "request_kwargs": json.loads(row["request"])},
-            postprocess=lambda row: {"key": row["key"], **parse_reply(row, mode)},
-        )
+        # Serve LLM's methods are async generators (streaming or not): one item for a non-streaming request.
+        handle = serve.get_deployment_handle(deployment, app_name).options(stream=True)
+        self._method = handle.chat if mode == "chat" else handle.completions
+        self._request = ChatCompletionRequest if mode == "chat" else CompletionRequest
+        self.mode, self.timeout_s = mode, timeout_s
 
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        from pydantic import BaseModel
 
-_REPLY_KEYS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "error")
-
-
-class _EndpointCaller:
-    """Ray Data UDF of endpoint mode: POSTs a batch's requests concurrently and never raises.
-
-    Ray's HTTP processor (``HttpRequestProcessorConfig``) fails the whole dataset once one request runs out of
-    retries and has no ``should_continue_on_error``; here that request becomes an error row, which distill
-    retries in its next pass and records if it keeps failing, as it does with the Serve processor.
-    """
-
-    def __init__(self, url: str, headers: dict[str, str], mode: str, max_retries: int, timeout_s: float = 600.0):
-        self.url, self.headers, self.mode = url, headers, mode
-        self.max_retries, self.timeout_s = max_retries, timeout_s
-
-    async def __call__(self, batch: dict[str, Any]):
-        import asyncio
-
-        import aiohttp
-
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
-            replies = await asyncio.gather(*(self._post(session, json.loads(r)) for r in batch["request"]))
-        yield {"key": list(batch["key"]), **{k: [r[k] for r in replies] for k in _REPLY_KEYS}}
-
-    async def _post(self, session, body: dict[str, Any]) -> dict[str, Any]:
-        import asyncio
-
-        import aiohttp
-
-        error = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(min(2.0 ** attempt, 30.0))
+        try:
+            stream = self._method.remote(self._request(**body))
             try:
-                async with session.post(self.url, json=body, headers=self.headers) as resp:
-                    if resp.status in (408, 429) or resp.status >= 500:  # worth another try
-                        error = f"HTTP {resp.status} {resp.reason} from {self.url}"
-                        continue
-                    data = await resp.json(content_type=None)
-                    if not isinstance(data, dict):
-                        data = {"error": f"HTTP {resp.status}: unexpected response {str(data)[:200]}"}
-                    return parse_reply(data, self.mode)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        return {"text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": error}
+                response = await asyncio.wait_for(stream.__anext__(), timeout=self.timeout_s)
+            finally:
+                stream.cancel()  # nothing more is wanted from it; a timed-out request must not keep decoding
+        except asyncio.TimeoutError:
+            return failed_reply(f"no reply within distill.request_timeout_s={self.timeout_s:g}")
+        except Exception as exc:  # noqa: BLE001 - a lost replica, a rejected request: an error reply, retried
+            return failed_reply(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        if isinstance(response, BaseModel):
+            response = response.model_dump()
+        return parse_reply(response, self.mode)
+
+
+class HttpClient:
+    """Requests to an OpenAI-compatible server. Ray's HTTP processor (``HttpRequestProcessorConfig``) fails the
+    whole dataset once one request runs out of retries; here a failure is an error reply like any other."""
+
+    def __init__(self, url: str, headers: dict[str, str], mode: str, timeout_s: float):
+        self.url, self.headers, self.mode, self.timeout_s = url, headers, mode, timeout_s
+        self._session = None
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        import aiohttp
+
+        if self._session is None:  # made on the event loop that uses it
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                                  connector=aiohttp.TCPConnector(limit=0))
+        try:
+            async with self._session.post(self.url, json=body, headers=self.headers) as resp:
+                if resp.status in (408, 429) or resp.status >= 500:
+                    return failed_reply(f"HTTP {resp.status} {resp.reason} from {self.url}")
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            return failed_reply(f"{type(exc).__name__}: {exc}")
+        if not isinstance(data, dict):
+            return failed_reply(f"HTTP {resp.status}: unexpected response {str(data)[:200]}")
+        return parse_reply(data, self.mode)
 
 
 def parse_reply(response: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -239,6 +241,17 @@ def _accelerator(cfg: Config) -> str:
     return accelerator
 
 
+def in_flight_per_replica(cfg: Config) -> int:
+    return cfg.distill.max_in_flight or int(cfg.distill.engine_kwargs.get("max_num_seqs") or DEFAULT_IN_FLIGHT)
+
+
+def max_replicas(cfg: Config) -> int:
+    d = cfg.distill
+    if d.min_replicas is None and d.max_replicas is None:
+        return d.num_replicas
+    return d.max_replicas if d.max_replicas is not None else max(d.min_replicas or 1, d.num_replicas)
+
+
 def _deployment_config(cfg: Config, name: str) -> dict[str, Any]:
     d = cfg.distill
     if d.min_replicas is None and d.max_replicas is None:
@@ -246,10 +259,10 @@ def _deployment_config(cfg: Config, name: str) -> dict[str, Any]:
     lo = d.min_replicas if d.min_replicas is not None else 1
     hi = d.max_replicas if d.max_replicas is not None else max(lo, d.num_replicas)
     initial = min(max(d.num_replicas, lo, 1), hi)
-    # vLLM batches continuously, so a replica is only "busy" with many requests in flight: scale on a queue
-    # of about one Ray Data batch per replica rather than Serve's default of 2 ongoing requests.
+    # vLLM batches continuously, so a replica is only "busy" with a full batch in flight: scale on that many
+    # ongoing requests per replica rather than Serve's default of 2.
     autoscaling = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": initial,
-                   "target_ongoing_requests": d.batch_size}
+                   "target_ongoing_requests": in_flight_per_replica(cfg)}
     return {"name": name, "autoscaling_config": autoscaling}
 
 
@@ -401,7 +414,8 @@ def _endpoint_base(url: str) -> str:
 @contextmanager
 def open_engine(cfg: Config) -> Iterator[Engine]:
     d = cfg.distill
-    common = dict(mode=d.mode, batch_size=d.batch_size, concurrency=d.concurrency, max_retries=d.max_retries)
+    common = dict(mode=d.mode, in_flight=in_flight_per_replica(cfg) * max_replicas(cfg),
+                  request_timeout_s=d.request_timeout_s)
     if d.endpoint:
         base = _endpoint_base(d.endpoint)
         headers = {}

@@ -1,19 +1,24 @@
 """Sharded Parquet output: data rows in ``output_dir/*.parquet``, failures in ``output_dir/errors/*.parquet``.
 
-Every shard is written to a hidden temporary name and renamed into place, so a reader (or a resumed run)
-only ever sees complete shards. The ids in existing shards, data and errors alike, are what a re-run skips.
+``ShardSink`` is the Ray Data ``Datasink`` that ends distill's pipeline: each block of finished conversations
+(one outcome row per conversation) becomes one data shard and one errors shard. Every shard is written to a
+hidden temporary name and renamed into place, so a reader (or a resumed run) only ever sees complete shards,
+and is named after the ids it holds, so a retried write task replaces its own shard instead of adding a
+second copy. The ids in existing shards, data and errors alike, are what a re-run skips.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import time
-import uuid
+import signal
 from pathlib import Path
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray.data import Datasink
 
 from medusa_ray.errors import UserError
 
@@ -96,54 +101,126 @@ def existing_models(output_dir: Path) -> set[str]:
     return models
 
 
-def _write_atomic(table: pa.Table, directory: Path, prefix: str) -> Path:
+OUTCOME_SCHEMA = pa.schema(
+    list(DATA_SCHEMA)
+    + [
+        ("outcome", pa.string()),  # "row" (a training row) or an error reason
+        ("source", pa.string()),
+        ("error", pa.string()),
+        ("round", pa.int64()),
+        ("attempts", pa.int64()),
+        ("generated_tokens", pa.int64()),  # every token generated for it, failed attempts included
+    ]
+)
+"""What distill's pipeline carries to the sink: one row per finished conversation, training row or error."""
+
+ROW = "row"
+OUTCOMES = ("failed", "empty", "invalid")
+COUNTS = ("rows", "truncated", *OUTCOMES, "tokens", "shards")
+
+
+def _write_atomic(table: pa.Table, directory: Path, name: str, before_rename=None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    # Time first so shards list in write order; the uuid keeps concurrent runs from colliding.
-    name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = directory / f"{_TMP_PREFIX}{name}"
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    if before_rename is not None:
+        before_rename()
     os.replace(tmp, directory / name)
     return directory / name
 
 
-class ShardWriter:
-    """Buffers finished rows and writes a shard every ``shard_size`` rows (and whatever is left on flush)."""
+def _shard_name(prefix: str, ids: list[str]) -> str:
+    # Named after its content: the same conversations always land in the same file, so a retried write
+    # overwrites its first attempt, and a re-run's new outcome for the same failures replaces the old one.
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:20]
+    return f"{prefix}-{digest}.parquet"
 
-    def __init__(self, output_dir: Path, shard_size: int):
+
+class ShardSink(Datasink):
+    """Outcome rows -> a data shard and an errors shard per block; each write returns its counts, and the
+    driver's instance adds them up (``totals``) when the write completes."""
+
+    def __init__(self, output_dir: str, model: str, kill_pids: list[int] | None = None):
         self.output_dir = output_dir
-        self.shard_size = shard_size
-        self._rows: list[dict] = []
-        self._errors: list[dict] = []
-        self.shards_written = 0
-        self.rows_written = 0
+        self.model = model
+        self.kill_pids = kill_pids
+        self.totals: dict[str, Any] = {**dict.fromkeys(COUNTS, 0), "error_shards": []}
 
-    def add_row(self, row: dict) -> None:
-        self._rows.append(row)
-        if len(self._rows) >= self.shard_size:
-            self._flush_rows()
+    def write(self, blocks: Iterable[Any], ctx) -> dict[str, Any]:
+        from ray.data.block import BlockAccessor
 
-    def add_error(self, error: dict) -> None:
-        self._errors.append(error)
-        if len(self._errors) >= self.shard_size:
-            self._flush_errors()
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        counts: dict[str, Any] = {**dict.fromkeys(COUNTS, 0), "error_shards": []}
+        if not tables:
+            return counts
+        table = pa.concat_tables(tables).cast(OUTCOME_SCHEMA)
+        out = Path(self.output_dir)
+        outcome = table.column("outcome").to_pylist()
+        rows = table.filter(pa.array([o == ROW for o in outcome])).select(DATA_SCHEMA.names)
+        errors = table.filter(pa.array([o != ROW for o in outcome]))
+        errors = pa.table({"id": errors["id"], "source": errors["source"], "reason": errors["outcome"],
+                           "error": errors["error"], "round": errors["round"], "attempts": errors["attempts"],
+                           "model": pa.array([self.model] * errors.num_rows, pa.string())}, schema=ERROR_SCHEMA)
+        kill = self._kill if self.kill_pids else None
+        if rows.num_rows:
+            _write_atomic(rows, out, _shard_name("shard", rows.column("id").to_pylist()), kill)
+            counts["shards"] = 1
+        if errors.num_rows:
+            name = _shard_name("errors", errors.column("id").to_pylist())
+            _write_atomic(errors, out / ERRORS_DIR, name, kill)
+            counts["error_shards"] = [name]
+        counts["rows"] = rows.num_rows
+        counts["truncated"] = sum(r == "length" for r in rows.column("finish_reason").to_pylist())
+        for reason in OUTCOMES:
+            counts[reason] = outcome.count(reason)
+        counts["tokens"] = sum(table.column("generated_tokens").to_pylist())
+        return counts
 
-    def flush(self) -> None:
-        self._flush_rows()
-        self._flush_errors()
+    def _kill(self) -> None:
+        """``distill.fail_at=shard_write``: die between writing a shard and renaming it into place."""
+        for pid in [*self.kill_pids, os.getpid()]:
+            os.kill(pid, signal.SIGKILL)
 
-    def _flush_rows(self) -> None:
-        if not self._rows:
-            return
-        path = _write_atomic(pa.Table.from_pylist(self._rows, schema=DATA_SCHEMA), self.output_dir, "shard")
-        self.shards_written += 1
-        self.rows_written += len(self._rows)
-        log.info("wrote %s (%d conversations, %d in total)", path.name, len(self._rows), self.rows_written)
-        self._rows = []
+    def on_write_complete(self, write_result) -> None:
+        for counts in write_result.write_returns:
+            for key, value in counts.items():
+                self.totals[key] += value
 
-    def _flush_errors(self) -> None:
-        if not self._errors:
-            return
-        _write_atomic(pa.Table.from_pylist(self._errors, schema=ERROR_SCHEMA), self.output_dir / ERRORS_DIR, "errors")
-        self._errors = []
+    def get_name(self) -> str:
+        return "Shards"
+
+
+def recorded_failures(output_dir: Path) -> set[str]:
+    """Ids with a ``failed`` error row: what a re-run retries."""
+    ids: set[str] = set()
+    directory = output_dir / ERRORS_DIR
+    for file in _shard_files(directory) if directory.is_dir() else []:
+        rows = pq.read_table(file, columns=["id", "reason"]).to_pylist()
+        ids.update(r["id"] for r in rows if r["reason"] == "failed")
+    return ids
+
+
+def drop_superseded_failures(output_dir: Path, ids: set[str], keep_files: set[str]) -> int:
+    """Remove the ``failed`` rows of ``ids`` (earlier failures this run retried to an outcome) from every errors
+    shard but ``keep_files`` (this run's own), so every conversation is recorded once across data and errors.
+    Returns the rows removed."""
+    removed = 0
+    directory = output_dir / ERRORS_DIR
+    for file in _shard_files(directory) if directory.is_dir() else []:
+        if file.name in keep_files:
+            continue
+        table = pq.read_table(file)
+        stale = [r == "failed" and i in ids for r, i in zip(table.column("reason").to_pylist(),
+                                                            table.column("id").to_pylist())]
+        if not any(stale):
+            continue
+        kept = table.filter(pa.array([not s for s in stale]))
+        removed += table.num_rows - kept.num_rows
+        if kept.num_rows:
+            _write_atomic(kept, directory, file.name)
+        else:
+            file.unlink()
+    return removed

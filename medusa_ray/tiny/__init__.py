@@ -83,11 +83,13 @@ def make_tiny_model(
     hidden_size: int = 128,
     num_layers: int = 2,
     conversations: list[list[dict[str, str]]] | None = None,
+    max_length: int = 256,
 ) -> Path:
     """Write a loadable Llama model directory to ``out_dir`` (replaced atomically) and return its path.
 
     The tokenizer and the pretraining see ``conversations`` when given (``benchmarks/recipe.py`` passes real
-    text), otherwise the generated corpus the demo's prompts come from."""
+    text), otherwise the generated corpus the demo's prompts come from; pretraining sees ``max_length`` tokens of
+    each."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -116,7 +118,7 @@ def make_tiny_model(
     )
     model = LlamaForCausalLM(config)
     if pretrain_steps > 0:
-        loss = _pretrain(model, tokenizer, conversations, pretrain_steps, seed)
+        loss = _pretrain(model, tokenizer, conversations, pretrain_steps, seed, max_length=max_length)
         log.info("tiny model pretrained for %d steps, final loss %.3f", pretrain_steps, loss)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
