@@ -87,8 +87,11 @@ class DistillConfig(_Section):
     """Passed to the vLLM engine (e.g. ``max_model_len``, ``tensor_parallel_size``)."""
     max_in_flight: Optional[int] = Field(None, ge=1)
     """Requests kept in flight per vLLM replica, so its continuous batching always has a full batch. Default:
-    ``engine_kwargs.max_num_seqs``, else 256. With autoscaling, also the ongoing requests per replica Serve
-    scales on."""
+    ``engine_kwargs.max_num_seqs``, else 256 (and the engine's ``max_num_seqs`` is set to match). With
+    autoscaling, also the ongoing requests per replica Serve scales on."""
+    engine_metrics: bool = False
+    """Export vLLM's engine metrics (time to first token, inter-token latency...) to Ray's Prometheus endpoint.
+    Off by default: recording them costs the replica CPU on every generated token."""
     concurrency: int = Field(1, ge=1)
     """Ray Data actors driving conversations (each an asyncio loop holding its share of the requests in flight);
     one keeps hundreds of requests going."""

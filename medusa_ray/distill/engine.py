@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 APP_PREFIX = "medusa-distill"
 DEFAULT_IN_FLIGHT = 256
-"""Requests kept in flight per replica unless ``distill.max_in_flight`` or ``max_num_seqs`` say otherwise: vLLM's
-default batch on a GPU (``max_num_seqs``), so its continuous batching always has a full batch to schedule."""
+"""Requests kept in flight per replica unless ``distill.max_in_flight`` or ``max_num_seqs`` say otherwise: the
+batch vLLM's offline ``LLM`` class runs on CPU and on most GPUs (an 8B model's KV cache for 256 conversations of a
+thousand tokens fits an 80 GB GPU)."""
 
 
 @dataclass
@@ -108,10 +109,9 @@ class ServeClient:
             stream = self._method.remote(self._request(**body))
             try:
                 response = await asyncio.wait_for(stream.__anext__(), timeout=self.timeout_s)
-            finally:
-                stream.cancel()  # nothing more is wanted from it; a timed-out request must not keep decoding
-        except asyncio.TimeoutError:
-            return failed_reply(f"no reply within distill.request_timeout_s={self.timeout_s:g}")
+            except asyncio.TimeoutError:
+                stream.cancel()  # a timed-out request must not keep decoding
+                return failed_reply(f"no reply within distill.request_timeout_s={self.timeout_s:g}")
         except Exception as exc:  # noqa: BLE001 - a lost replica, a rejected request: an error reply, retried
             return failed_reply(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         if isinstance(response, BaseModel):
@@ -291,11 +291,18 @@ def serve_deployment(cfg: Config) -> Iterator[str]:
         serve.start(proxy_location="Disabled", logging_config=logging_config)
         accelerator = _accelerator(cfg)
         engine_kwargs = _with_cpu_defaults(_engine_kwargs(cfg), accelerator)
+        # Serve LLM builds the engine as an OpenAI server, whose default batch is smaller than the offline one
+        # (128 sequences on CPU): distillation is offline work, so the engine batches all we keep in flight.
+        engine_kwargs.setdefault("max_num_seqs", in_flight_per_replica(cfg))
+        if not cfg.distill.engine_metrics:
+            engine_kwargs.setdefault("disable_log_stats", True)
         llm_config = LLMConfig(
             model_loading_config={"model_id": cfg.model, "model_source": cfg.model},
             accelerator_config={"kind": accelerator},
             deployment_config=_deployment_config(cfg, _deployment_name(name)),
             engine_kwargs=engine_kwargs,
+            # Per-token latency histograms cost the replica CPU on every token; only when asked for.
+            log_engine_metrics=cfg.distill.engine_metrics,
             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "INFO" if verbose() else "WARNING"}},
         )
         app = build_llm_deployment(llm_config, override_serve_options={"name": _deployment_name(name)})
