@@ -8,7 +8,6 @@ a local one anyway, or ``ray.address=ray://HOST:10001`` to drive a remote cluste
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -21,28 +20,19 @@ if (_ROOT / "medusa_ray").is_dir() and str(_ROOT) not in sys.path:
 
 def main(stage: str, argv: list[str] | None = None) -> int:
     from medusa_ray import cli
-    from medusa_ray.cluster import init_ray, set_verbose
-    from medusa_ray.errors import UserError
+    from medusa_ray.cluster import init_ray
 
     argv = sys.argv[1:] if argv is None else argv
     parser = cli.build_parser()
     parser.prog = f"jobs/{stage}.py"
     args = parser.parse_args([stage, *argv])
-    set_verbose(args.verbose)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        cfg = cli.config_from_args(args)
+
+    def join(cfg) -> None:
         if cfg.ray.address is None:
             cfg.ray.address = "auto"
         _join(cfg, init_ray)
-        cli.run_stage(args, cfg)
-    except UserError as exc:
-        print(f"jobs/{stage}.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.execute(args, f"jobs/{stage}.py", before_stage=join)
 
 
 def _join(cfg, init_ray) -> None:

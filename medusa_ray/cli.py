@@ -7,7 +7,6 @@ stage-specific flags are shorthands for overrides, so the config object stays th
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from medusa_ray.cluster import set_verbose
@@ -39,6 +38,9 @@ _FLAG_KEYS: dict[str, dict[str, str]] = {
 
 def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
+    # Here too, so `jobs/<stage>.py -v` works; SUPPRESS keeps `medusa-ray -v <stage>` from being reset.
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="full logs on the console (they always go to the log file)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections: model, ray, distill, train, "
                    "export, eval)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medusa-ray",
         description="Train Medusa heads for a Hugging Face causal LM on a Ray cluster.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="full logs on the console (they always go to the log file)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("make-tiny-model", help="write the embedded tiny Llama model (no download)",
@@ -122,13 +125,12 @@ def run_stage(args: argparse.Namespace, cfg: Config) -> None:
         pipeline.run(cfg)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def execute(args: argparse.Namespace, prog: str, before_stage=None) -> int:
+    """Run a parsed command: logging, config, the full log file, the stage; a ``UserError`` is one line."""
+    from medusa_ray import logs
+
     set_verbose(args.verbose)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(args.verbose)
     try:
         if args.command == "make-tiny-model":
             from medusa_ray.tiny import make_tiny_model
@@ -137,11 +139,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tiny model written to {path}")
             return 0
         cfg = config_from_args(args)
-        run_stage(args, cfg)
+        log_path = logs.start_file(logs.run_log_dir(cfg, args.command, getattr(args, "medusa", None)),
+                                   args.command)
+        try:
+            if before_stage is not None:
+                before_stage(cfg)
+            run_stage(args, cfg)
+        finally:
+            print(f"full log: {log_path}", flush=True)
         return 0
     except UserError as exc:
-        print(f"medusa-ray {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return execute(args, f"medusa-ray {args.command}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

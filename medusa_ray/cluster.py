@@ -37,9 +37,14 @@ def init_ray(cfg: RayConfig) -> None:
     """Connect to ``cfg.address`` or start a local cluster; a no-op when Ray is already up."""
     import ray
 
+    from medusa_ray import logs
+
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **({VERBOSE_ENV: "1"} if verbose() else {})}}
+    logs.adopt_library_loggers()  # before ray.init, which logs through Ray's own handler
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **logs.worker_env()},
+                   # Every worker's log levels decide its stream (see medusa_ray/logs.py).
+                   "worker_process_setup_hook": "medusa_ray.logs.worker_setup"}
     if cfg.address:
         log.info("joining Ray cluster at %s", cfg.address)
         ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=True)
@@ -48,9 +53,32 @@ def init_ray(cfg: RayConfig) -> None:
         log.info("starting a local Ray cluster with %d logical CPUs", num_cpus)
         store = int(cfg.object_store_gb * 2**30) if cfg.object_store_gb else None
         # "local" always starts a fresh cluster; without it ray.init() silently joins whatever cluster
-        # `ray start` last left running on this machine.
+        # `ray start` last left running on this machine. The dashboard is what serves Ray's State API: Ray
+        # Train's placement-group cleaner polls it every second and warns on each failure without it.
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=store, runtime_env=runtime_env,
-                 include_dashboard=False)
+                 include_dashboard=True, dashboard_port=_free_port())
+        _owned["local"] = True
+    logs.route_worker_lines()
+    logs.adopt_library_loggers()
+
+
+_owned = {"local": False}
+
+
+def owns_cluster() -> bool:
+    """Whether this process started the Ray cluster it is on (it ends with the process)."""
+    import ray
+
+    return _owned["local"] and ray.is_initialized()
+
+
+def _free_port() -> int:
+    """A dashboard port of its own: a second local cluster on the machine must not fight over 8265."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def node_id() -> str | None:

@@ -4,14 +4,15 @@ The console shows our stage lines, one progress bar per stage, warnings and erro
 file (``<stage output>/logs/<command>-<time>.log``, named in the summary) gets everything, from the driver and
 from every Ray worker; ``--verbose`` shows everything on the console too. How, without filtering any text:
 
-- **Levels decide the stream, in every process.** Ray workers (``worker_process_setup_hook``) and vLLM's own
-  processes (``VLLM_LOGGING_CONFIG_PATH``) log INFO and below to stdout and WARNING and above to stderr.
+- **Levels decide the stream, in every Ray worker** (``worker_process_setup_hook``): INFO and below to stdout,
+  WARNING and above to stderr. vLLM leaves its records to that setup (``VLLM_CONFIGURE_LOGGING=0``); in the
+  engine's own subprocesses, which no hook reaches, that leaves its warnings on stderr.
 - **The driver routes Ray's forwarded lines by that stream** (Ray tags each batch ``is_err``): stderr to the
   console and the file, stdout to the file only. tqdm_ray updates still reach Ray's bar renderer.
-- **Libraries' own switches for the rest**: Serve writes its component logs to files in the same log dir
-  (``LoggingConfig(logs_dir=...)``, ``RAY_SERVE_LOG_TO_STDERR=0``) with no access log; Ray Data's bars and
-  start-of-execution lines are off (our bar instead); the driver's own loggers have a console handler at
-  WARNING (``medusa_ray`` at INFO) and a file handler at INFO.
+- **Libraries' own switches for the rest**: Serve writes its component logs (replicas, vLLM in them, the
+  controller) to files in ``<log dir>/serve`` (``LoggingConfig(logs_dir=...)``, ``RAY_SERVE_LOG_TO_STDERR=0``)
+  with no access log; Ray Data's bars and start-of-execution lines are off (our bar instead); Ray's, Serve's
+  and Ray Data's driver-side loggers keep their handlers for the file and show WARNING and up on the console.
 
 The routing replaces one Ray-internal handler (``ray._private.ray_logging.global_worker_stdstream_dispatcher``,
 handler ``ray_print_logs``); where it is missing, Ray's own printing is left as it is.
@@ -19,11 +20,9 @@ handler ``ray_print_logs``); where it is missing, Ray's own printing is left as 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -46,6 +45,9 @@ def log_file() -> Path | None:
 
 def setup(verbose_flag: bool) -> None:
     """The driver's console logging (called first thing by the CLI and the jobs)."""
+    if not verbose_flag:
+        # Before Serve is imported here: its driver-side loggers then write to files, not the console.
+        os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for handler in list(root.handlers):
@@ -59,11 +61,37 @@ def setup(verbose_flag: bool) -> None:
         logging.getLogger("medusa_ray").setLevel(logging.DEBUG)
 
 
-class _QuietFilter(logging.Filter):
-    """Ours from INFO, everyone else's from WARNING."""
+def adopt_library_loggers() -> None:
+    """Ray, Serve and Ray Data give their driver-side loggers handlers of their own (so ours never see their
+    records): give them our log file and (unless ``--verbose``) show only WARNING and up of theirs on the
+    console. Called after each import that sets them up."""
+    file_handler = _state.get("handler")
+    for name in ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune"):
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if not verbose() and isinstance(handler, logging.StreamHandler) and getattr(
+                    handler, "stream", None) in (sys.stderr, sys.stdout):
+                handler.setLevel(logging.WARNING)
+        if file_handler is not None and not logger.propagate and file_handler not in logger.handlers:
+            logger.addHandler(file_handler)
+    # Ray Data's one-time hint that its bars are off: we turned them off for our own bar.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
+
+def console_worthy(record: logging.LogRecord, ours_from: int = logging.INFO) -> bool:
+    """What a person sees: ours from INFO (in the driver; from WARNING in workers), vLLM's from ERROR (its warnings
+    on CPU are environment notes), everyone else's from WARNING."""
+    top = record.name.split(".")[0]
+    if top == "medusa_ray":
+        return record.levelno >= ours_from
+    if top == "vllm":
+        return record.levelno >= logging.ERROR
+    return record.levelno >= logging.WARNING
+
+
+class _QuietFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name.split(".")[0] == "medusa_ray"
+        return console_worthy(record)
 
 
 def start_file(directory: str | Path, command: str) -> Path:
@@ -76,71 +104,122 @@ def start_file(directory: str | Path, command: str) -> Path:
     handler.setFormatter(logging.Formatter(_FORMAT))
     handler.setLevel(logging.DEBUG if verbose() else logging.INFO)
     logging.getLogger().addHandler(handler)
-    _state.update(file=stream, path=path, lock=threading.Lock())
+    _state.update(file=stream, path=path, handler=handler, lock=threading.Lock())
+    adopt_library_loggers()
     os.environ[LOG_DIR_ENV] = str(directory.resolve())
     return path
 
 
 def worker_env() -> dict[str, str]:
     """Environment every Ray worker of this job gets (through the runtime env)."""
-    env = {"VLLM_LOGGING_CONFIG_PATH": str(_vllm_logging_config()), "RAY_SERVE_LOG_TO_STDERR": "0"}
+    if verbose():
+        return {VERBOSE_ENV: "1"}
+    # vLLM leaves its records to the process's logging (the hook's split); torch's C++ notes and Python's
+    # FutureWarnings from library internals are for library developers.
+    env = {"VLLM_CONFIGURE_LOGGING": "0", "RAY_SERVE_LOG_TO_STDERR": "0", "TORCH_CPP_LOG_LEVEL": "ERROR",
+           "PYTHONWARNINGS": "ignore::FutureWarning"}
     if os.environ.get(LOG_DIR_ENV):
         env[LOG_DIR_ENV] = os.environ[LOG_DIR_ENV]
-    if verbose():
-        env[VERBOSE_ENV] = "1"
     return env
 
 
+def serve_logging() -> dict | None:
+    """Serve's ``LoggingConfig``: no access log, text records, files in the run's log dir (None: Serve's own
+    defaults, with ``--verbose``)."""
+    if verbose():
+        return None
+    config = {"enable_access_log": False, "encoding": "TEXT", "log_level": "INFO"}
+    if os.environ.get(LOG_DIR_ENV):
+        config["logs_dir"] = str(Path(os.environ[LOG_DIR_ENV]) / "serve")
+    return config
+
+
 def worker_setup() -> None:
-    """``worker_process_setup_hook`` of every Ray worker: INFO and below to stdout, WARNING and up to stderr.
+    """``worker_process_setup_hook`` of every Ray worker: console-worthy records to stderr, the rest to stdout.
     Never raises (an exception here would kill the worker)."""
     try:
         root = logging.getLogger()
+        if verbose():  # everything, as it comes; only give the root logger a handler if it has none
+            if not root.handlers:
+                handler = logging.StreamHandler(sys.stderr)
+                handler.setFormatter(logging.Formatter(_FORMAT))
+                root.addHandler(handler)
+                root.setLevel(logging.INFO)
+            return
         root.setLevel(logging.INFO)
         for handler in list(root.handlers):
             root.removeHandler(handler)
-        for stream, keep in ((sys.stdout, lambda r: r.levelno < logging.WARNING),
-                             (sys.stderr, lambda r: r.levelno >= logging.WARNING)):
+        for stream, keep in ((sys.stdout, lambda r: not console_worthy(r, logging.WARNING)),
+                             (sys.stderr, lambda r: console_worthy(r, logging.WARNING))):
             handler = logging.StreamHandler(stream)
             handler.setFormatter(logging.Formatter(_FORMAT))
             handler.addFilter(keep)
             root.addHandler(handler)
-        # Ray's own loggers keep their formats but follow the same split.
-        ray_logger = logging.getLogger("ray")
-        for handler in list(ray_logger.handlers):
-            ray_logger.removeHandler(handler)
-        ray_logger.propagate = True
+        # Ray's own loggers keep their records but follow the same split.
+        for name in ("ray", "ray.serve", "ray.data", "ray.train"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                    logger.removeHandler(handler)
+            logger.propagate = True
     except Exception as exc:  # noqa: BLE001
         print(f"medusa-ray: could not set up worker logging: {exc!r}", file=sys.stderr)
 
 
-def _vllm_logging_config() -> Path:
-    """vLLM configures logging in each of its processes (engine core, workers) from this file."""
+def replica_setup() -> None:
+    """In a Serve replica: Serve sends the replica's stdout and stderr to its own log files
+    (``RAY_SERVE_LOG_TO_STDERR=0``), but Serve LLM's JSON handler on the root logger holds the original stderr,
+    which Ray forwards to the console. Point the root logger at the redirected stream instead."""
+    if verbose():
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)  # the redirected stream: Serve's replica log file
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def configure_vllm() -> None:
+    """In a process about to start a vLLM engine: the same split for vLLM's records in this process and in the
+    engine's subprocesses (which no Ray hook reaches), from a dictConfig file written on this node."""
+    if verbose():
+        return
+    import json
+    import tempfile
+
     config = {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"vllm": {"format": "%(asctime)s %(levelname)s vllm %(name)s: %(message)s"}},
-        "filters": {"below_warning": {"()": "medusa_ray.logs.BelowWarning"}},
+        "formatters": {"plain": {"format": _FORMAT}},
+        "filters": {"console": {"()": "medusa_ray.logs.ConsoleWorthy"},
+                    "rest": {"()": "medusa_ray.logs.NotConsoleWorthy"}},
         "handlers": {
-            "out": {"class": "logging.StreamHandler", "formatter": "vllm", "stream": "ext://sys.stdout",
-                    "filters": ["below_warning"]},
-            "err": {"class": "logging.StreamHandler", "formatter": "vllm", "stream": "ext://sys.stderr",
-                    "level": "WARNING"},
+            "out": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stdout",
+                    "filters": ["rest"]},
+            "err": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr",
+                    "filters": ["console"]},
         },
         "loggers": {"vllm": {"handlers": ["out", "err"], "level": "INFO", "propagate": False}},
     }
-    path = Path(tempfile.gettempdir()) / "medusa-ray-vllm-logging.json"
-    text = json.dumps(config, indent=1)
+    text = json.dumps(config)
+    path = Path(tempfile.gettempdir()) / f"medusa-ray-vllm-logging-{os.getuid()}.json"
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
         tmp.replace(path)
-    return path
+    os.environ.update(VLLM_CONFIGURE_LOGGING="1", VLLM_LOGGING_CONFIG_PATH=str(path))
 
 
-class BelowWarning(logging.Filter):
+class ConsoleWorthy(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.WARNING
+        return console_worthy(record, logging.WARNING)
+
+
+class NotConsoleWorthy(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not console_worthy(record, logging.WARNING)
 
 
 def route_worker_lines() -> None:
@@ -173,12 +252,29 @@ def route_worker_lines() -> None:
 
 
 @contextmanager
-def keep_driver_logging() -> Iterator[None]:
-    """Importing ``ray.serve.llm`` replaces the root logger's handlers with a JSON one in this process: undo it."""
+def serve_llm_import() -> Iterator[None]:
+    """Around ``import ray.serve.llm``: it replaces this process's root handlers with a JSON one, and the vLLM
+    modules it pulls in log import-time notes through it. vLLM's noisy module goes first, under our handlers;
+    ours are back afterwards."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
+        import vllm.triton_utils  # noqa: F401 - ``import vllm`` alone is lazy
         yield
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def run_log_dir(cfg, command: str, medusa_dir: str | None = None) -> Path:
+    """Where a command's full log goes: a ``logs/`` directory with the output it makes."""
+    if command in ("distill", "pipeline"):
+        return Path(cfg.distill.output_dir).expanduser() / "logs"
+    if command == "train":
+        from medusa_ray.train import run_files, run_location
+
+        return run_files.local_dir(run_location(cfg)) / "logs"
+    if command == "export":  # beside the export, not in it: the export is published
+        return Path(cfg.export.output_dir).expanduser().resolve().parent / "logs"
+    target = cfg.eval.output_json or medusa_dir or cfg.export.output_dir
+    return Path(target).expanduser().resolve().parent / "logs"

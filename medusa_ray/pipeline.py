@@ -34,6 +34,8 @@ class PipelineSummary:
     speedup: float | None
     outputs_identical: bool | None
     export_dir: str
+    plots: list[str] = field(default_factory=list)
+    """Training's curves and validation, eval's acceptance per position."""
     nodes: dict[str, list[str]] = field(default_factory=dict)
     """Ray node ids each stage's work ran on, and the driver's (``driver``)."""
 
@@ -54,7 +56,7 @@ class PipelineSummary:
             ("speed-up vs. no speculation", self.speedup),
             ("greedy outputs identical", self.outputs_identical),
             ("export", self.export_dir),
-        ]
+        ] + [("plot", plot) for plot in self.plots]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {fmt(v)}" for k, v in rows)
 
@@ -237,6 +239,8 @@ def _pipeline(cfg: Config) -> PipelineSummary:
     work = _work_dir(cfg)
     if cfg.eval.prompts is None:
         cfg = _split_heldout(cfg, work)
+    if cfg.eval.plot is None:
+        cfg = _with(cfg, {"eval": {"plot": str(work / "eval_acceptance.png")}})
 
     rows, distill_nodes = _distill(cfg, work)
     if rows == 0:
@@ -260,6 +264,7 @@ def _pipeline(cfg: Config) -> PipelineSummary:
         speedup=results.get("speedup"),
         outputs_identical=results.get("outputs_identical"),
         export_dir=str(export_dir),
+        plots=result.plots + ([results["plot"]] if results.get("plot") else []),
         nodes={"driver": [node_id()], "distill": distill_nodes, "train": result.nodes,
                "export": [_export_node(export_dir)], "eval": [results.get("node_id")]},
     )

@@ -30,8 +30,9 @@ if [ "$FLAVOR" = cpu ]; then
 fi
 $PIP install -q -c "$LOCK" -e ".[$FLAVOR,dev]"
 if [ "$FLAVOR" = cpu ]; then
-    # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that fail to import beside CPU torch.
-    $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that fail to import beside CPU torch. Triton is a
+    # GPU kernel compiler (xgrammar's GPU path): vLLM's CPU build disables it, warning so in every process.
+    $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 echo "$want" > "$STAMP"
 echo ">> $VENV ready"

@@ -234,7 +234,7 @@ def _pipeline_config(tiny_model: Path, out: Path, storage: str) -> dict:
         "model": str(tiny_model),
         "distill": {
             "input": str(REPO / "examples" / "demo_prompts.jsonl"), "output_dir": str(out / "distill"),
-            "limit": 24, "max_tokens": 64, "batch_size": 8, "engine_kwargs": engine,
+            "limit": 24, "max_tokens": 64, "engine_kwargs": engine,
         },
         "train": {
             "num_workers": 1, "zero_stage": 0, "batch_size": 4, "max_steps": 3, "max_length": 128,
@@ -286,6 +286,7 @@ def test_ray_job_submit_on_a_head_that_runs_nothing(worker_gpus, tiny_model, tmp
         assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}:\n{logs[-6000:]}"
         # It joined the submitted-to cluster rather than starting its own.
         assert "starting a local Ray cluster" not in logs
+        _assert_readable(logs, out / "distill" / "logs")
     finally:
         left = cluster.stop()
     assert left == [], f"processes outlived the cluster (killed now): {left}"
@@ -312,6 +313,25 @@ def test_ray_job_submit_on_a_head_that_runs_nothing(worker_gpus, tiny_model, tmp
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["num_drafts"] > 0 and evaluation["acceptance_length"] >= 1.0
     assert evaluation["outputs_identical"] is True
+
+
+def _assert_readable(job_log: str, log_dir: Path) -> None:
+    """A job log a person reads top to bottom: no line per request or per bar update, the summaries, and the
+    full log file (which holds the workers' detail) named at the end."""
+    lines = job_log.splitlines()
+    assert "\r" not in job_log, "a progress bar redrew itself into the job log"
+    for per_request in ("CALL chat", "POST /v1", "/chat/completions", "Added request"):
+        assert per_request not in job_log, per_request
+    for stage in ("distill:", "train:", "eval:"):
+        updates = [line for line in lines if line.startswith(stage)]
+        assert len(updates) <= 10, updates  # a line every 30 s, not one per update
+        assert len(set(updates)) == len(updates), updates
+    for summary in ("distill -> ", "trained Medusa heads", "acceptance length", "rows distilled"):
+        assert summary in job_log, summary
+    (log_file,) = log_dir.glob("pipeline-*.log")
+    assert lines[-1] == f"full log: {log_file}"
+    full = log_file.read_text()
+    assert "(pid=" in full and len(full.splitlines()) > 2 * len(lines)  # the workers' lines are there
 
 
 # --- training on a 2-node cluster ------------------------------------------------------------------------

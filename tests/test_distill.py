@@ -30,6 +30,7 @@ from medusa_ray.data import read_conversations
 from medusa_ray.distill import plan_rounds
 from medusa_ray.distill.engine import _endpoint_base, parse_reply, serve_deployment
 from medusa_ray.tiny import corpus
+from endpoint_standin import FlakyEndpoint
 
 ENGINE_KWARGS = {"gpu_memory_utilization": 0.1, "enforce_eager": True, "max_model_len": 512, "dtype": "float32"}
 MAX_TOKENS = 64
@@ -57,6 +58,12 @@ class _ScriptedClient:
 
     def __init__(self, replies):
         self.replies, self.sent = list(replies), []
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        pass
 
     async def complete(self, body):
         self.sent.append(body)
@@ -360,48 +367,10 @@ def test_endpoint_openai_server(openai_server, distilled, tiny_model, prompts, t
 # ---------------------------------------------------------------- endpoint failures and shared apps
 
 
-class _FlakyEndpoint:
-    """An OpenAI-style server: serves ``served``; while ``down``, answers prompts containing "down" with 503;
-    everything else with "ok"."""
-
-    def __init__(self, served: str):
-        self.down = True
-        endpoint = self
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        import threading
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _json(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._json(200, {"object": "list", "data": [{"id": served, "object": "model"}]})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if endpoint.down and "down" in body["messages"][-1]["content"]:
-                    return self._json(503, {"error": {"message": "replica restarting"}})
-                self._json(200, {"choices": [{"message": {"role": "assistant", "content": "ok"},
-                                              "finish_reason": "stop"}],
-                                 "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_endpoint_failures_become_error_rows_and_a_wrong_model_is_one_line(ray_session, tmp_path):
     from medusa_ray.errors import UserError
 
-    endpoint = _FlakyEndpoint(served="served-model")
+    endpoint = FlakyEndpoint(served="served-model")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{word} {i}"}) + "\n"
                                for i, word in enumerate(["hello", "down", "hi", "down", "hey"])))

@@ -21,9 +21,9 @@ skips every id in a data shard or a final error, so a killed run loses only the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from medusa_ray.distill.conversation import plan_rounds
 from medusa_ray.distill.output import existing_models, remove_stale_temp_files
 from medusa_ray.errors import UserError, user_error_in
 from medusa_ray.locks import hold
-from medusa_ray.progress import Progress
+from medusa_ray.progress import watch
 from medusa_ray.writable import check_writable
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,13 @@ def _generate(cfg: Config, units, out: Path, ledger) -> tuple[dict, list[str]]:
     from medusa_ray.distill.conversation import Distiller
     from medusa_ray.distill.engine import open_engine
     from medusa_ray.distill.output import ShardSink
+    from medusa_ray import logs
     from medusa_ray.distill.source import PromptSource, claim
 
+    logs.adopt_library_loggers()  # Ray Data set its loggers up on import
     d = cfg.distill
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = verbose()  # ours below shows what a person wants: conversations and tokens/s
-    ctx.print_on_execution_start = verbose()
     # Requests carry their own timeout and retries; a long multi-turn shard is progress Ray Data cannot see.
     ctx.execution_no_progress_timeout_s = -1
     kill_pids = [os.getpid()] if d.fail_at else None
@@ -191,35 +192,26 @@ def _generate(cfg: Config, units, out: Path, ledger) -> tuple[dict, list[str]]:
             batch_size=None, batch_format="pyarrow", num_cpus=0.5,
         )
         sink = ShardSink(str(out), cfg.model, kill_pids if d.fail_at == "shard_write" else None)
-        stop = threading.Event()
-        watcher = threading.Thread(target=_show_progress, args=(ledger, d.limit, stop), daemon=True)
-        watcher.start()
         try:
-            ds.write_datasink(sink)
+            with watch("distill", "conversations", lambda: ray.get(ledger.snapshot.remote(), timeout=10),
+                       functools.partial(_render, d.limit)):
+                ds.write_datasink(sink)
         except Exception as exc:
             cause = user_error_in(exc)
             if cause is not None:
                 raise cause from None
             raise
-        finally:
-            stop.set()
-            watcher.join()
     superseded = _get(ledger.finish.remote(sink.totals["error_shards"]))
     if superseded:
         log.info("%d earlier failures now have an outcome; their old error rows were removed", superseded)
     return sink.totals, nodes
 
 
-def _show_progress(ledger, total: int | None, stop: threading.Event) -> None:
-    with Progress("distill", total=total, unit="conversations") as bar:
-        while not stop.wait(1.0):
-            try:
-                snap = _get(ledger.snapshot.remote())
-            except Exception:  # noqa: BLE001 - the bar never fails the run
-                return
-            rate = snap["tokens"] / snap["generation_s"] if snap["generation_s"] > 0 else 0.0
-            per_s = snap["conversations"] / snap["generation_s"] if snap["generation_s"] > 0 else 0.0
-            bar.update(snap["conversations"], f"{per_s:.1f} conversations/s, {rate:,.0f} tokens/s")
+def _render(total: int | None, snap: dict) -> tuple[int, int | None, str]:
+    seconds = snap["generation_s"]
+    per_s = snap["conversations"] / seconds if seconds > 0 else 0.0
+    tokens = snap["tokens"] / seconds if seconds > 0 else 0.0
+    return snap["conversations"], total, f"{per_s:.1f} conversations/s, {tokens:,.0f} tokens/s"
 
 
 def _get(ref):

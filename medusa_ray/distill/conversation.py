@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import signal
 import time
@@ -22,6 +23,8 @@ import pyarrow as pa
 
 from medusa_ray.config import Config
 from medusa_ray.distill.output import OUTCOME_SCHEMA, ROW
+
+log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 60.0
 _PROGRESS_EVERY_S = 1.0
@@ -76,11 +79,14 @@ class Distiller:
         self._first_request: float | None = None
         self._last_reply: float | None = None
         self._pushed = 0.0
+        log.info("conversations driven with %d requests in flight per actor (%s)", in_flight,
+                 client.get("kind", "custom"))
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self._slots is None:  # on the actor's event loop, which every call shares
             self._slots = asyncio.Semaphore(self.in_flight)
-        rows = await asyncio.gather(*(self.conversation(r) for r in batch.to_pylist()))
+        async with self.client:
+            rows = await asyncio.gather(*(self.conversation(r) for r in batch.to_pylist()))
         self._report(force=True)
         return pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA)
 

@@ -93,11 +93,16 @@ class ServeClient:
 
     def __init__(self, app_name: str, deployment: str, mode: str, timeout_s: float):
         from ray import serve
+
+        from medusa_ray import logs
+
         # The request models import vLLM (seconds of CPU): at start-up, not on the first request.
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+        with logs.serve_llm_import():
+            from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
         # Serve LLM's methods are async generators (streaming or not): one item for a non-streaming request.
         handle = serve.get_deployment_handle(deployment, app_name).options(stream=True)
+        logs.worker_setup()  # Serve gave its logger a console handler of its own on import
         self._method = handle.chat if mode == "chat" else handle.completions
         self._request = ChatCompletionRequest if mode == "chat" else CompletionRequest
         self.mode, self.timeout_s = mode, timeout_s
@@ -118,6 +123,12 @@ class ServeClient:
             response = response.model_dump()
         return parse_reply(response, self.mode)
 
+    async def __aenter__(self) -> "ServeClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        pass
+
 
 class HttpClient:
     """Requests to an OpenAI-compatible server. Ray's HTTP processor (``HttpRequestProcessorConfig``) fails the
@@ -125,14 +136,27 @@ class HttpClient:
 
     def __init__(self, url: str, headers: dict[str, str], mode: str, timeout_s: float):
         self.url, self.headers, self.mode, self.timeout_s = url, headers, mode, timeout_s
-        self._session = None
+        self._session, self._users = None, 0
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def __aenter__(self) -> "HttpClient":
+        """One connection pool while any block uses the client, closed when the last one is done."""
         import aiohttp
 
         if self._session is None:  # made on the event loop that uses it
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                                                   connector=aiohttp.TCPConnector(limit=0))
+        self._users += 1
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._users -= 1
+        if not self._users:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        import aiohttp
+
         try:
             async with self._session.post(self.url, json=body, headers=self.headers) as resp:
                 if resp.status in (408, 429) or resp.status >= 500:
@@ -277,16 +301,19 @@ def _app_running(name: str) -> bool:
 def serve_deployment(cfg: Config) -> Iterator[str]:
     """Start the Serve vLLM app for ``cfg`` (or share a running identical one); yields its name."""
     from ray import serve
-    from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    from medusa_ray import logs
+
+    with logs.serve_llm_import():
+        from ray.serve.llm import LLMConfig, build_llm_deployment
+    logs.adopt_library_loggers()
 
     name = app_name(cfg)
 
     def start() -> None:
         _check_model(cfg)
-        # Quiet unless --verbose, by Serve's and vLLM's own switches: no access line per request, text (not
-        # JSON) records, vLLM's warnings only.
-        logging_config = None if verbose() else {"enable_access_log": False, "encoding": "TEXT",
-                                                   "log_level": "WARNING"}
+        # Serve's own switches: no access line per request, text records, files in the run's log dir.
+        logging_config = logs.serve_logging()
         # Handles only: no HTTP proxy, so no port to collide with other Serve apps on the machine.
         serve.start(proxy_location="Disabled", logging_config=logging_config)
         accelerator = _accelerator(cfg)
@@ -296,6 +323,7 @@ def serve_deployment(cfg: Config) -> Iterator[str]:
         engine_kwargs.setdefault("max_num_seqs", in_flight_per_replica(cfg))
         if not cfg.distill.engine_metrics:
             engine_kwargs.setdefault("disable_log_stats", True)
+        engine_kwargs.setdefault("use_tqdm_on_load", verbose())  # a bar per weight shard, as log lines
         llm_config = LLMConfig(
             model_loading_config={"model_id": cfg.model, "model_source": cfg.model},
             accelerator_config={"kind": accelerator},
@@ -303,7 +331,7 @@ def serve_deployment(cfg: Config) -> Iterator[str]:
             engine_kwargs=engine_kwargs,
             # Per-token latency histograms cost the replica CPU on every token; only when asked for.
             log_engine_metrics=cfg.distill.engine_metrics,
-            runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "INFO" if verbose() else "WARNING"}},
+            callback_config={"callback_class": "medusa_ray.distill.replica.ReplicaLogging"},
         )
         app = build_llm_deployment(llm_config, override_serve_options={"name": _deployment_name(name)})
         log.info("starting Serve app %s: vLLM on %s for %s", name, accelerator, cfg.model)
@@ -388,8 +416,12 @@ def _teardown(name: str, serve_was_up: bool) -> None:
     from ray import serve
 
     try:
+        from medusa_ray.cluster import owns_cluster
+
         serve.delete(name)
-        if not serve_was_up and not serve.status().applications:
+        # Serve's controller ends its graceful shutdown by killing itself, which the raylet reports as a failed
+        # task: on a cluster that ends with this process anyway, leave the idle controller to it.
+        if not serve_was_up and not serve.status().applications and not owns_cluster():
             serve.shutdown()
         log.info("Serve app %s deleted", name)
     except Exception as exc:  # teardown must not hide the run's own error

@@ -12,6 +12,7 @@ also saved there as ``eval_results.json`` and its model card is refreshed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medusa_ray import progress
 from medusa_ray.config import Config, check_local_model
 from medusa_ray.errors import UserError
 from medusa_ray.writable import check_writable
@@ -48,7 +50,9 @@ def _medusa_config(medusa_dir: Path) -> dict[str, Any]:
 def _engine_kwargs(cfg: Config) -> dict[str, Any]:
     import torch
 
-    kwargs: dict[str, Any] = {"seed": 0}
+    from medusa_ray.cluster import verbose
+
+    kwargs: dict[str, Any] = {"seed": 0, "use_tqdm_on_load": verbose()}
     if not torch.cuda.is_available():
         # vLLM on CPU: the KV cache is a fraction of RAM, and graph capture buys nothing.
         kwargs.update(gpu_memory_utilization=0.1, enforce_eager=True)
@@ -56,8 +60,9 @@ def _engine_kwargs(cfg: Config) -> dict[str, Any]:
     return kwargs
 
 
-def _generate(llm, prompts: list[Prompt], max_tokens: int):
-    """Greedy outputs and wall time of one batch (chat prompts through the chat template)."""
+def _generate(llm, prompts: list[Prompt], max_tokens: int, progress=False):
+    """Greedy outputs and wall time of one batch (chat prompts through the chat template); ``progress`` is
+    vLLM's ``use_tqdm``."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -66,10 +71,10 @@ def _generate(llm, prompts: list[Prompt], max_tokens: int):
     outputs: dict[int, list[int]] = {}
     start = time.perf_counter()
     if chats:
-        for i, out in zip(chats, llm.chat([prompts[i] for i in chats], params, use_tqdm=False)):
+        for i, out in zip(chats, llm.chat([prompts[i] for i in chats], params, use_tqdm=progress)):
             outputs[i] = list(out.outputs[0].token_ids)
     if texts:
-        for i, out in zip(texts, llm.generate([prompts[i] for i in texts], params, use_tqdm=False)):
+        for i, out in zip(texts, llm.generate([prompts[i] for i in texts], params, use_tqdm=progress)):
             outputs[i] = list(out.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
     return [outputs[i] for i in range(len(prompts))], elapsed
@@ -88,7 +93,7 @@ def _spec_counters(llm) -> dict[str, Any]:
 
 
 def _run_engine(base: str, prompts: list[Prompt], max_tokens: int, kwargs: dict[str, Any],
-                speculative: dict[str, Any] | None):
+                speculative: dict[str, Any] | None, progress=False):
     """One engine's outputs, time and spec-decode counter deltas; the engine is torn down before returning."""
     from vllm import LLM
 
@@ -96,7 +101,7 @@ def _run_engine(base: str, prompts: list[Prompt], max_tokens: int, kwargs: dict[
     try:
         _generate(llm, prompts[:1], 4)  # warm-up, so the timed run measures decoding, not first-call setup
         before = _spec_counters(llm)
-        outputs, elapsed = _generate(llm, prompts, max_tokens)
+        outputs, elapsed = _generate(llm, prompts, max_tokens, progress)
         after = _spec_counters(llm)
     finally:
         engine = getattr(llm, "llm_engine", None)
@@ -183,8 +188,11 @@ def run(cfg: Config, medusa_dir: str | None = None, compare_untrained: bool = Fa
     if ray.is_initialized() and resolve_accelerator(cfg.eval.accelerator, "eval.accelerator") == "gpu":
         engine = cfg.eval.engine_kwargs
         gpus = int(engine.get("tensor_parallel_size", 1)) * int(engine.get("pipeline_parallel_size", 1))
-    results = run_task(measure, cfg.to_dict(), str(medusa_path), compare_untrained, name="medusa-ray-eval",
-                       num_cpus=1, num_gpus=gpus)
+    board = progress.board("eval", "prompts", lambda s: (s["done"], s["total"], "")) if ray.is_initialized() \
+        else contextlib.nullcontext()
+    with board as handle:
+        results = run_task(measure, cfg.to_dict(), str(medusa_path), compare_untrained, handle,
+                           name="medusa-ray-eval", num_cpus=1, num_gpus=gpus)
     if results["errors"]:
         log.error("%d of %d outputs differ from plain greedy decoding", len(results["errors"]), results["num_prompts"])
     _print_table(results)  # first: the numbers are on screen even if writing them fails
@@ -192,15 +200,15 @@ def run(cfg: Config, medusa_dir: str | None = None, compare_untrained: bool = Fa
     return results
 
 
-def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool) -> dict[str, Any]:
-    """Both engines, the comparison, per-head accuracy and the plot; ``run`` saves the results."""
-    import os
+def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool, board=None) -> dict[str, Any]:
+    """Both engines, the comparison, per-head accuracy and the plot; ``run`` saves the results. Prompts done
+    are posted to ``board`` (``medusa_ray.progress.Board``) for the driver's bar."""
     import tempfile
 
-    from medusa_ray.cluster import node_id, verbose
+    from medusa_ray import logs
+    from medusa_ray.cluster import node_id
 
-    # vLLM reads its log level when first imported: engine start-up chatter only with --verbose.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose() else "WARNING")
+    logs.configure_vllm()
     cfg = Config.model_validate(cfg_dict)
     medusa_path = Path(medusa_dir)
     config = _medusa_config(medusa_path)
@@ -211,11 +219,14 @@ def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool) 
     prompts = read_prompts(cfg.eval.prompts, cfg.eval.num_prompts, cfg.distill.mode)
 
     kwargs = _engine_kwargs(cfg)
+    runs = 3 if compare_untrained else 2
     log.info("decoding %d prompts without Medusa", len(prompts))
-    base_out, base_time, _ = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, None)
+    base_out, base_time, _ = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, None,
+                                         _posting(board, 0, runs * len(prompts)))
     speculative = {"method": "medusa", "model": str(medusa_path), "num_speculative_tokens": k}
     log.info("decoding %d prompts with Medusa (%d speculative tokens)", len(prompts), k)
-    spec_out, spec_time, counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, speculative)
+    spec_out, spec_time, counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, speculative,
+                                                _posting(board, len(prompts), runs * len(prompts)))
 
     compared = {}
     if compare_untrained:
@@ -223,7 +234,8 @@ def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool) 
             other = untrained_heads(medusa_path, Path(tmp))
             log.info("decoding %d prompts with untrained Medusa heads", len(prompts))
             other_out, _, other_counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs,
-                                                       {**speculative, "model": str(other)})
+                                                       {**speculative, "model": str(other)},
+                                                       _posting(board, 2 * len(prompts), runs * len(prompts)))
         compared["untrained"] = _acceptance(other_counters, k)
         compared["untrained"]["outputs_identical"] = not _compare(base_out, other_out)
 
@@ -262,6 +274,29 @@ def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool) 
 
         results["plot"] = str(plot_results(results, cfg.eval.plot))
     return results
+
+
+def _posting(board, done_before: int, total: int):
+    """vLLM's ``use_tqdm`` for one run: a tqdm that draws nothing and posts the prompts done to ``board``."""
+    if board is None:
+        return False
+    import os
+
+    from tqdm import tqdm
+
+    class PostingTqdm(tqdm):
+        def __init__(self, *args, **kwargs):
+            # vLLM also uses it while rendering prompts; only the decoding bar counts prompts done.
+            self._posts = kwargs.get("desc") == "Processed prompts"
+            super().__init__(*args, **{**kwargs, "file": open(os.devnull, "w")})
+
+        def update(self, n=1):
+            shown = super().update(n)
+            if self._posts:
+                board.post.remote({"done": done_before + self.n, "total": total})
+            return shown
+
+    return PostingTqdm
 
 
 def untrained_heads(export_dir: Path, out: Path) -> Path:

@@ -1,4 +1,5 @@
-"""PNG of the evaluation: acceptance rate per speculative position, and per-head accuracy when measured."""
+"""PNG of the evaluation: acceptance rate per speculative position (trained next to untrained heads when both were
+measured), and per-head accuracy when measured."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(11 if accuracy else 6, 4), squeeze=False)
     ax = axes[0][0]
     rates = results["accepted_per_position"]
-    ax.bar([str(i + 1) for i in range(len(rates))], rates, color="tab:blue")
+    untrained = (results.get("compared") or {}).get("untrained", {}).get("accepted_per_position")
+    positions = range(len(rates))
+    if untrained:
+        # Side by side: what training bought at each position.
+        ax.bar([i - 0.2 for i in positions], rates, 0.4, color="tab:blue", label="trained")
+        ax.bar([i + 0.2 for i in positions], untrained[:len(rates)], 0.4, color="tab:gray", label="untrained")
+        ax.set_xticks(list(positions), [str(i + 1) for i in positions])
+        ax.legend()
+    else:
+        ax.bar([str(i + 1) for i in positions], rates, color="tab:blue")
     ax.set_ylim(0, 1)
     ax.set_xlabel("speculative position")
     ax.set_ylabel("acceptance rate")

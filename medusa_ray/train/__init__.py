@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medusa_ray import progress
 from medusa_ray.config import Config, check_local_model
 from medusa_ray.errors import UserError
 from medusa_ray.locks import hold
@@ -46,6 +47,9 @@ class TrainResult:
     run_dir: str | None = None
     """``<storage_path>/<run_name>``: checkpoints, tracker logs, metrics.jsonl, plots."""
     plot: str | None = None
+    """The per-head loss and top-1 curves (``head_losses.png``)."""
+    plots: list[str] = field(default_factory=list)
+    """Every PNG of the run: ``head_losses.png``, and ``validation.png`` when there is a validation split."""
     data: dict[str, Any] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)
     """Ray node ids the training workers ran on."""
@@ -94,43 +98,58 @@ def _train(cfg: Config, files: list[str], hidden_size: int, vocab_size: int, loc
                     plan.duplicates)
     schedule = plan_schedule(t, plan.train_rows)
     init_ray(cfg.ray)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from medusa_ray.cluster import resolve_accelerator, torch_backend
-    from medusa_ray.train.worker import train_loop
+    from medusa_ray.cluster import resolve_accelerator
 
     use_gpu = t.use_gpu if t.use_gpu != "auto" else resolve_accelerator("auto", "train.use_gpu") == "gpu"
     how = (f"{schedule.total_steps} steps" if not schedule.early_stopping else
            f"up to {schedule.total_steps} steps, stopping when validation stops improving")
     print(f"training {t.medusa_num_heads} heads on {plan.train_rows} conversations ({plan.val_rows} held back "
           f"for validation), {how}, {t.num_workers} worker(s), ZeRO {t.zero_stage}", flush=True)
+    return _fit(cfg, plan, schedule, location, use_gpu)
+
+
+def _render(state: dict[str, Any]) -> tuple[int, int | None, str]:
+    postfix = f"loss {state['loss']:.3f}"
+    if state.get("expected_acceptance") is not None:
+        postfix += f", expected acceptance {state['expected_acceptance']:.2f}"
+    return state["step"], state["total"], postfix
+
+
+def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool) -> TrainResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from medusa_ray.cluster import torch_backend
+    from medusa_ray.train.worker import train_loop
+
+    t = cfg.train
     # Checkpoints are ranked by validation; Ray Train keeps the best ones and always the latest (to resume).
     score = {"checkpoint_score_attribute": "val_expected_acceptance", "checkpoint_score_order": "max"} \
         if plan.val_rows else {}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "schedule": asdict(schedule),
-                           "run_dir": location},
-        torch_config=TorchConfig(backend=torch_backend(bool(use_gpu))),
-        # SPREAD: one worker per node where possible, so workers don't contend for one node's GPUs and bus.
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(use_gpu),
-                                     placement_strategy="SPREAD" if t.num_workers > 1 else "PACK"),
-        run_config=RunConfig(
-            name=t.run_name,
-            storage_path=t.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, **score),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        # Too many rows it cannot train on: surface that one line, not the Ray traceback.
-        bad_rows = re.search(r"BadRowError: (train data: [^\n]*)", str(exc))
-        if bad_rows:
-            raise UserError(bad_rows.group(1)) from None
-        raise
+    with progress.board("train", "steps", _render) as board:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "schedule": asdict(schedule),
+                               "run_dir": location, "board": board},
+            torch_config=TorchConfig(backend=torch_backend(bool(use_gpu))),
+            # SPREAD: one worker per node where possible, so workers don't contend for one node's GPUs and bus.
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(use_gpu),
+                                         placement_strategy="SPREAD" if t.num_workers > 1 else "PACK"),
+            run_config=RunConfig(
+                name=t.run_name,
+                storage_path=t.storage_path,
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, **score),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            # Too many rows it cannot train on: surface that one line, not the Ray traceback.
+            bad_rows = re.search(r"BadRowError: (train data: [^\n]*)", str(exc))
+            if bad_rows:
+                raise UserError(bad_rows.group(1)) from None
+            raise
 
     found = run_checkpoints(t.storage_path, t.run_name)
     if not found:
@@ -141,12 +160,12 @@ def _train(cfg: Config, files: list[str], hidden_size: int, vocab_size: int, loc
     metrics = out.get("metrics") or meta.get("metrics") or dict(result.metrics or {})
     validation = out.get("validation") or meta.get("validation") or {}
     global_step = int(meta.get("global_step", metrics.get("step", 0)))
-    plot = out.get("plot")
+    plots = [join(location, Path(p).name) for p in out.get("plots") or []]
     progress = out.get("progress") or {}
-    _print_summary(metrics, validation, t, global_step, checkpoint, best, progress)
+    _print_summary(metrics, validation, t, global_step, checkpoint, best, progress, plots)
     return TrainResult(checkpoint=checkpoint, global_step=global_step, metrics=metrics,
                        resumed_from=int(out.get("resumed_from", global_step)), run_dir=location,
-                       plot=join(location, Path(plot).name) if plot else None,
+                       plot=plots[0] if plots else None, plots=plots,
                        data=meta.get("data", {}), nodes=worker_nodes(checkpoint), validation=validation,
                        best_checkpoint=best.uri, best_validation=best.meta.get("validation") or {},
                        stopped_early=bool(progress.get("stopped_early")))
@@ -284,7 +303,7 @@ def _name(checkpoint: str) -> str:
 
 
 def _print_summary(metrics: dict[str, Any], validation: dict[str, Any], t, step: int, ckpt: str, best,
-                   progress: dict[str, Any]) -> None:
+                   progress: dict[str, Any], plots: list[str]) -> None:
     """Per head: the last batch's loss, and (when there is a validation split) held-out top-1."""
     tops = [f"top{i}" for i in range(1, t.topk + 1)]
     val_top1 = validation.get("top1") or []
@@ -309,4 +328,6 @@ def _print_summary(metrics: dict[str, Any], validation: dict[str, Any], t, step:
     print(f"checkpoint: {ckpt}")
     if best is not None and best.uri != ckpt:
         print(f"best checkpoint: {best.uri} (what export picks)")
+    for plot in plots:
+        print(f"plot: {plot}")
     print()

@@ -1,4 +1,4 @@
-"""Per-head loss curves of a training run as a PNG."""
+"""A training run's pictures: per-head loss and top-1 curves, and validation over the steps."""
 
 from __future__ import annotations
 
@@ -17,31 +17,69 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_head_losses(metrics: Iterable[dict] | str | Path, out_png: str | Path) -> Path:
-    """Write a PNG with one loss curve per Medusa head (and the weighted total) against the step."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out_png: str | Path) -> Path:
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    fig.clf()
+    return out
+
+
+def plot_head_losses(metrics: Iterable[dict] | str | Path, out_png: str | Path) -> Path:
+    """Write a PNG with one loss curve per Medusa head (and the weighted total) and their training top-1."""
+    plt = _pyplot()
     rows = read_metrics(metrics) if isinstance(metrics, (str, Path)) else sorted(metrics, key=lambda r: r["step"])
     if not rows:
         raise ValueError("no metrics to plot")
     heads = sorted({int(k[len("medusa"):-len("_loss")]) for r in rows for k in r
                     if k.startswith("medusa") and k.endswith("_loss")})
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (loss_ax, top1_ax) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in rows]
     for k in heads:
-        ax.plot(steps, [r.get(f"medusa{k}_loss") for r in rows], label=f"head {k} (token t+{k + 2})")
-    ax.plot(steps, [r.get("loss") for r in rows], color="black", linestyle="--", linewidth=1, label="weighted total")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_title("Medusa head losses")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+        label = f"head {k} (token t+{k + 2})"
+        loss_ax.plot(steps, [r.get(f"medusa{k}_loss") for r in rows], label=label)
+        top1_ax.plot(steps, [r.get(f"medusa{k}_top1") for r in rows], label=label)
+    loss_ax.plot(steps, [r.get("loss") for r in rows], color="black", linestyle="--", linewidth=1,
+                 label="weighted total")
+    loss_ax.set(xlabel="step", ylabel="cross-entropy", title="Medusa head losses")
+    top1_ax.set(xlabel="step", ylabel="top-1 accuracy (training batches)", title="Medusa head top-1", ylim=(0, 1))
+    for ax in (loss_ax, top1_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    out = _save(fig, out_png)
+    plt.close(fig)
+    return out
+
+
+def plot_validation(validation_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Write a PNG of validation over the steps: expected acceptance length, and each head's top-1."""
+    plt = _pyplot()
+    rows = read_metrics(validation_jsonl)
+    if not rows:
+        raise ValueError("no validation to plot")
+    steps = [r["step"] for r in rows]
+    fig, (ea_ax, top1_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    ea_ax.plot(steps, [r["expected_acceptance"] for r in rows], marker="o", color="tab:green")
+    best = max(rows, key=lambda r: r["expected_acceptance"])
+    ea_ax.axvline(best["step"], color="grey", linestyle=":", label=f"best: step {best['step']}")
+    ea_ax.set(xlabel="step", ylabel="tokens per verification step",
+              title="validation: expected acceptance length")
+    for k in range(len(rows[0]["top1"])):
+        top1_ax.plot(steps, [r["top1"][k] for r in rows], marker=".", label=f"head {k} (token t+{k + 2})")
+    top1_ax.set(xlabel="step", ylabel="top-1 accuracy", title="validation: head top-1", ylim=(0, 1))
+    for ax in (ea_ax, top1_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    out = _save(fig, out_png)
     plt.close(fig)
     return out

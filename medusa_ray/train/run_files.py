@@ -18,8 +18,8 @@ from medusa_ray.train.checkpoints import is_remote, join
 log = logging.getLogger(__name__)
 
 # Everything medusa-ray writes into a run directory (Ray Train's own files and checkpoints excluded).
-RUN_FILES = ("tracking.json", "metrics.jsonl", "validation.jsonl", "head_losses.png", "tensorboard", "wandb",
-             "mlruns")
+RUN_FILES = ("tracking.json", "metrics.jsonl", "validation.jsonl", "head_losses.png", "validation.png",
+             "tensorboard", "wandb", "mlruns")
 FAIL_MARKER_PREFIX = ".fail_at_step_"
 
 

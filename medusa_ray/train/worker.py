@@ -156,8 +156,11 @@ def init_engine(heads, ds_config: dict[str, Any], warmup_steps: int = 0, total_s
 
     from medusa_ray.cluster import verbose
 
-    # DeepSpeed narrates its config and every checkpoint save at INFO; its warnings are what a person needs.
-    deepspeed.utils.logger.setLevel(logging.INFO if verbose() else logging.WARNING)
+    if not verbose():
+        # DeepSpeed narrates its config and every save at INFO on stdout through a handler of its own: hand its
+        # records to this worker's logging, where INFO goes to the log file and warnings to the console.
+        deepspeed.utils.logger.handlers.clear()
+        deepspeed.utils.logger.propagate = True
     params = [p for p in heads.parameters() if p.requires_grad]
     scheduler = None
     if "scheduler" not in ds_config:
@@ -315,7 +318,7 @@ class LocalSession(Session):
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train ``train_loop_per_worker``."""
     return run_loop(Config.model_validate(config["cfg"]), RaySession(), DataPlan.from_dict(config["plan"]),
-                    Schedule(**config["schedule"]), config["run_dir"])
+                    Schedule(**config["schedule"]), config["run_dir"], board=config.get("board"))
 
 
 def expected_acceptance(top1: list[float]) -> float:
@@ -328,10 +331,12 @@ def expected_acceptance(top1: list[float]) -> float:
     return total
 
 
-def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, location: str) -> dict[str, Any]:
+def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, location: str,
+             board=None) -> dict[str, Any]:
     """Train the heads on ``plan``'s rows for ``schedule``; validate, checkpoint, stop early.
 
-    ``location`` is the run's directory in its storage (a path or URI); rank 0 keeps the run's files there.
+    ``location`` is the run's directory in its storage (a path or URI); rank 0 keeps the run's files there and
+    posts its progress to ``board`` (``medusa_ray.progress.Board``), from which the driver draws the bar.
     """
     import torch
 
@@ -366,7 +371,7 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
         tracker.log_params({"world_size": world, "total_steps": schedule.total_steps, "zero_stage": zero_stage,
                             "trainable_params": trainable, "train_rows": plan.train_rows,
                             "val_rows": plan.val_rows})
-    bar = _progress_bar(schedule.total_steps, progress.step) if rank == 0 else None
+    board = board if rank == 0 else None
     pad_id = _pad_id(base)
     reader = RowReader(plan.columns)
     validator = _Validator(cfg, plan, reader, rank, world, pad_id) if plan.val_rows else None
@@ -432,7 +437,7 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
             if rank == 0 and t.fail_at_step == progress.step:
                 _fail_once(run_dir, progress.step)
             if rank == 0:
-                _log_step(tracker, bar, run_dir, metrics, t.log_every)
+                _log_step(tracker, run_dir, metrics, t.log_every)
 
             # Every checkpoint carries a validation: export picks the best checkpoint by it.
             checkpoint_now = progress.step % schedule.checkpoint_every == 0 or progress.step >= schedule.total_steps
@@ -440,6 +445,7 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
                 validation = _validate(validator, engine, decoder, cfg, device, collectives, progress, schedule)
                 if rank == 0:
                     _log_validation(tracker, run_dir, validation)
+            _post(board, schedule, metrics, validation)
             if checkpoint_now or progress.stopped_early:
                 _report_with_checkpoint(session, engine, cfg, progress, metrics, validation, zero_stage, base)
                 last_ckpt = progress.step
@@ -462,19 +468,17 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
             if rank == 0:
                 _log_validation(tracker, run_dir, validation)
         _report_with_checkpoint(session, engine, cfg, progress, metrics, validation, zero_stage, base)
-    if bar is not None:
-        bar.close()
     if tracker is not None:
         summary = {**metrics, "rows": progress.rows, "tokens": progress.tokens, "truncated": progress.truncated,
                    "bad_rows": progress.bad_rows}
         summary.update({f"val_{k}": v for k, v in _flat_validation(validation).items()})
         tracker.log_summary(summary)
         tracker.close()
-    plot = _plot(run_dir) if rank == 0 else None
+    plots = _plots(run_dir) if rank == 0 else []
     if rank == 0:
         run_files.push(location)
     return {"resumed_from": resumed_from, "progress": asdict(progress), "metrics": metrics,
-            "validation": validation, "plot": str(plot) if plot else None}
+            "validation": validation, "plots": [str(p) for p in plots]}
 
 
 def _collate(batch: dict[str, Any], pad_id: int):
@@ -614,17 +618,19 @@ def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Pro
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _plot(run_dir: Path) -> Path | None:
-    from medusa_ray.train.plots import plot_head_losses
+def _plots(run_dir: Path) -> list[Path]:
+    """The run's PNGs from its metrics and validation files (whichever exist)."""
+    from medusa_ray.train.plots import plot_head_losses, plot_validation
 
-    metrics_file = run_dir / "metrics.jsonl"
-    if not metrics_file.is_file():
-        return None
-    try:
-        return plot_head_losses(metrics_file, run_dir / "head_losses.png")
-    except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
-        log.warning("could not plot head losses: %s", exc)
-        return None
+    written = []
+    for source, plot, png in (("metrics.jsonl", plot_head_losses, "head_losses.png"),
+                              ("validation.jsonl", plot_validation, "validation.png")):
+        if (run_dir / source).is_file():
+            try:
+                written.append(plot(run_dir / source, run_dir / png))
+            except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
+                log.warning("could not plot %s: %s", source, exc)
+    return written
 
 
 def _record_rows(directory: str, rank: int, step: int, batch: dict[str, Any]) -> None:
@@ -642,11 +648,14 @@ def _fail_once(run_dir: Path, step: int) -> None:
     raise RuntimeError(f"train.fail_at_step={step}: injected failure (test hook)")
 
 
-def _log_step(tracker, bar, run_dir: Path, metrics: dict[str, Any], log_every: int) -> None:
+def _post(board, schedule: Schedule, metrics: dict[str, Any], validation: dict[str, Any]) -> None:
+    if board is not None:  # fire and forget: the driver reads the latest whenever it draws
+        board.post.remote({"step": metrics["step"], "total": schedule.total_steps, "loss": metrics["loss"],
+                           "expected_acceptance": validation.get("expected_acceptance")})
+
+
+def _log_step(tracker, run_dir: Path, metrics: dict[str, Any], log_every: int) -> None:
     step = metrics["step"]
-    if bar is not None:
-        bar.update(1)
-        bar.set_description(f"train loss {metrics['loss']:.3f}")
     if step % log_every:
         return
     with open(run_dir / "metrics.jsonl", "a") as f:
@@ -666,17 +675,6 @@ def _open_tracker(cfg: Config, run_dir: Path):
     except Exception as exc:  # noqa: BLE001 - tracking never costs a training run
         log.warning("tracking disabled: %s", exc)
         return None
-
-
-def _progress_bar(total: int, initial: int):
-    try:
-        from ray.experimental.tqdm_ray import tqdm
-    except ImportError:  # pragma: no cover - older Ray
-        from tqdm import tqdm
-    bar = tqdm(total=total, desc="train", unit="step")
-    if initial:
-        bar.update(initial)  # a resumed run starts where its checkpoint left off
-    return bar
 
 
 def _node_id() -> str | None:
