@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -120,9 +120,24 @@ class DistillConfig(_Section):
         return self
 
 
+Method = Literal["medusa", "eagle3"]
+
+
 class TrainConfig(_Section):
     data: Optional[str] = None
     """Distilled Parquet to train on. Default: ``distill.output_dir``."""
+    method: Union[Method, list[Method]] = "medusa"
+    """The drafter: ``medusa`` heads or an ``eagle3`` draft layer. In ``pipeline`` a list (``[medusa, eagle3]``)
+    trains each on the same distilled data, evaluates both on the same prompts and names the faster."""
+    eagle3_ttt_steps: int = Field(3, ge=1, le=8)
+    """EAGLE-3: draft steps unrolled in training (each step reads the draft's own previous output, as in vLLM);
+    also the tokens vLLM drafts per step unless ``eval.num_speculative_tokens`` says otherwise."""
+    eagle3_draft_vocab_size: int = Field(32000, ge=16)
+    """EAGLE-3: the draft's vocabulary, the most frequent tokens of the distilled replies (the base's whole
+    vocabulary when that is smaller)."""
+    eagle3_layers: Optional[list[int]] = None
+    """EAGLE-3: the three residual-stream positions of the base the draft reads (0: the embeddings, n: the last
+    layer's output). Default: vLLM's ``(2, n // 2, n - 3)``, or ``(0, n // 2, n)`` for models too shallow."""
     medusa_num_heads: int = Field(3, ge=1)
     """K: number of Medusa heads; head k predicts token t+k+2."""
     medusa_num_layers: int = Field(1, ge=1)
@@ -258,6 +273,12 @@ class Config(_Section):
     def train_data(self) -> str:
         return self.train.data or self.distill.output_dir
 
+    @property
+    def methods(self) -> list[str]:
+        """``train.method`` as a list (one entry unless ``pipeline`` compares drafters)."""
+        m = self.train.method
+        return list(dict.fromkeys(m)) if isinstance(m, list) else [m]
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -342,6 +363,8 @@ def reference_markdown() -> str:
             return "mapping"
         if args and type(None) in args:  # Optional[X]
             return type_name(next(a for a in args if a is not type(None)))
+        if origin is Union:
+            return " or ".join(type_name(a) for a in args)
         return getattr(annotation, "__name__", str(annotation))
 
     def default(field) -> str:

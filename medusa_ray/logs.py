@@ -267,14 +267,19 @@ def serve_llm_import() -> Iterator[None]:
 
 
 def run_log_dir(cfg, command: str, medusa_dir: str | None = None) -> Path:
-    """Where a command's full log goes: a ``logs/`` directory with the output it makes."""
-    if command in ("distill", "pipeline"):
-        return Path(cfg.distill.output_dir).expanduser() / "logs"
+    """Where a command's full log goes: a ``logs/`` directory with the output it makes (``outputs/logs`` when
+    that output is object storage, which a log file is not appended to)."""
     if command == "train":
         from medusa_ray.train import run_files, run_location
 
         return run_files.local_dir(run_location(cfg)) / "logs"
-    if command == "export":  # beside the export, not in it: the export is published
-        return Path(cfg.export.output_dir).expanduser().resolve().parent / "logs"
-    target = cfg.eval.output_json or medusa_dir or cfg.export.output_dir
-    return Path(target).expanduser().resolve().parent / "logs"
+    if command in ("distill", "pipeline"):
+        output = cfg.distill.output_dir
+    elif command == "export":  # beside the export, not in it: the export is published
+        output = str(Path(cfg.export.output_dir).parent) if "://" not in cfg.export.output_dir else "s3://"
+    else:
+        target = cfg.eval.output_json or medusa_dir or cfg.export.output_dir
+        output = str(Path(target).parent) if "://" not in target else "s3://"
+    if "://" in output:
+        return Path("outputs") / "logs"
+    return Path(output).expanduser().resolve() / "logs"

@@ -29,6 +29,10 @@ if [ "$FLAVOR" = cpu ]; then
     $PIP install -q -c "$LOCK" "torch==2.13.0"
 fi
 $PIP install -q -c "$LOCK" -e ".[$FLAVOR,dev]"
+# EAGLE-3's draft model, loss and save format come from vLLM's `speculators` library. Its metadata pins
+# datasets<=5.1 and pulls torchvision/torchaudio, none of which its model code imports: install it (and
+# hs-connectors, which its package import needs) without dependencies, at the locked versions.
+$PIP install -q --no-deps -c "$LOCK" speculators hs-connectors
 if [ "$FLAVOR" = cpu ]; then
     # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that fail to import beside CPU torch. Triton is a
     # GPU kernel compiler (xgrammar's GPU path): vLLM's CPU build disables it, warning so in every process.

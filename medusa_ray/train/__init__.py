@@ -161,14 +161,14 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool) ->
     validation = out.get("validation") or meta.get("validation") or {}
     global_step = int(meta.get("global_step", metrics.get("step", 0)))
     plots = [join(location, Path(p).name) for p in out.get("plots") or []]
-    progress = out.get("progress") or {}
-    _print_summary(metrics, validation, t, global_step, checkpoint, best, progress, plots)
+    state = out.get("progress") or {}
+    _print_summary(metrics, validation, t, global_step, checkpoint, best, state, plots)
     return TrainResult(checkpoint=checkpoint, global_step=global_step, metrics=metrics,
                        resumed_from=int(out.get("resumed_from", global_step)), run_dir=location,
                        plot=plots[0] if plots else None, plots=plots,
                        data=meta.get("data", {}), nodes=worker_nodes(checkpoint), validation=validation,
                        best_checkpoint=best.uri, best_validation=best.meta.get("validation") or {},
-                       stopped_early=bool(progress.get("stopped_early")))
+                       stopped_early=bool(state.get("stopped_early")))
 
 
 def plan_schedule(t, train_rows: int) -> Schedule:
