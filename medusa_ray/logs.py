@@ -46,8 +46,13 @@ def log_file() -> Path | None:
 def setup(verbose_flag: bool) -> None:
     """The driver's console logging (called first thing by the CLI and the jobs)."""
     if not verbose_flag:
-        # Before Serve is imported here: its driver-side loggers then write to files, not the console.
+        # Read at import: Serve's driver-side loggers then write to files, and transformers and the Hub client
+        # draw no bar per checkpoint file they load or write.
         os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # For the processes this one starts (vLLM's engine, when a stage runs in-process), as for Ray workers.
+        for key in ("TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS"):
+            os.environ.setdefault(key, worker_env()[key])
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for handler in list(root.handlers):
@@ -117,7 +122,7 @@ def worker_env() -> dict[str, str]:
     # vLLM leaves its records to the process's logging (the hook's split); torch's C++ notes and Python's
     # FutureWarnings from library internals are for library developers.
     env = {"VLLM_CONFIGURE_LOGGING": "0", "RAY_SERVE_LOG_TO_STDERR": "0", "TORCH_CPP_LOG_LEVEL": "ERROR",
-           "PYTHONWARNINGS": "ignore::FutureWarning"}
+           "PYTHONWARNINGS": "ignore::FutureWarning", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if os.environ.get(LOG_DIR_ENV):
         env[LOG_DIR_ENV] = os.environ[LOG_DIR_ENV]
     return env
@@ -183,7 +188,8 @@ def replica_setup() -> None:
 
 def configure_vllm() -> None:
     """In a process about to start a vLLM engine: the same split for vLLM's records in this process and in the
-    engine's subprocesses (which no Ray hook reaches), from a dictConfig file written on this node."""
+    engine's subprocesses (which no Ray hook reaches), from a dictConfig file written on this node (per log
+    file, so two runs on one node never share one)."""
     if verbose():
         return
     import json
@@ -196,15 +202,19 @@ def configure_vllm() -> None:
         "filters": {"console": {"()": "medusa_ray.logs.ConsoleWorthy"},
                     "rest": {"()": "medusa_ray.logs.NotConsoleWorthy"}},
         "handlers": {
-            "out": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stdout",
-                    "filters": ["rest"]},
+            # In a Ray worker stdout reaches the driver's log file; in the driver itself, the file does.
+            "out": ({"class": "logging.FileHandler", "filename": str(log_file())} if log_file() else
+                    {"class": "logging.StreamHandler", "stream": "ext://sys.stdout"})
+                   | {"formatter": "plain", "filters": ["rest"]},
             "err": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr",
                     "filters": ["console"]},
         },
         "loggers": {"vllm": {"handlers": ["out", "err"], "level": "INFO", "propagate": False}},
     }
     text = json.dumps(config)
-    path = Path(tempfile.gettempdir()) / f"medusa-ray-vllm-logging-{os.getuid()}.json"
+    import hashlib
+
+    path = Path(tempfile.gettempdir()) / f"medusa-ray-vllm-logging-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)

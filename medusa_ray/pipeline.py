@@ -34,6 +34,10 @@ class PipelineSummary:
     speedup: float | None
     outputs_identical: bool | None
     export_dir: str
+    method: str = "medusa"
+    """The drafter the fields above describe: the only one trained, or the faster of ``train.method``'s."""
+    compared: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """With several ``train.method``s: each drafter's numbers, measured on the same held-back prompts."""
     plots: list[str] = field(default_factory=list)
     """Training's curves and validation, eval's acceptance per position."""
     nodes: dict[str, list[str]] = field(default_factory=dict)
@@ -57,8 +61,31 @@ class PipelineSummary:
             ("greedy outputs identical", self.outputs_identical),
             ("export", self.export_dir),
         ] + [("plot", plot) for plot in self.plots]
+        if self.compared:
+            rows = rows[:1] + [("drafter (the faster)", self.method)] + rows[1:]
         width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k.ljust(width)}  {fmt(v)}" for k, v in rows)
+        lines = [f"{k.ljust(width)}  {fmt(v)}" for k, v in rows]
+        if self.compared:
+            lines += ["", comparison_table(self.compared, self.method)]
+        return "\n".join(lines)
+
+
+def comparison_table(compared: dict[str, dict[str, Any]], fastest: str) -> str:
+    """Drafters side by side, on the same distilled data and the same held-back prompts."""
+    def cell(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    head = f"{'drafter':<8}  {'val. estimate':>13}  {'acceptance':>10}  {'untrained':>9}  {'speed-up':>8}  identical"
+    lines = [head]
+    for method, c in compared.items():
+        lines.append(f"{method:<8}  {cell(c['expected_acceptance']):>13}  {cell(c['acceptance_length']):>10}  "
+                     f"{cell(c['acceptance_length_untrained']):>9}  {cell(c['speedup']):>8}  "
+                     f"{cell(c['outputs_identical'])}")
+    others = [m for m in compared if m != fastest]
+    lines.append(f"faster: {fastest}" + (f" ({compared[fastest]['speedup']:.2f}x vs "
+                                        + ", ".join(f"{m} {compared[m]['speedup']:.2f}x" for m in others) + ")"
+                                        if others and all(compared[m]["speedup"] for m in compared) else ""))
+    return "\n".join(lines)
 
 
 def _work_dir(cfg: Config) -> Path:
@@ -233,9 +260,60 @@ def run(cfg: Config) -> PipelineSummary:
         return _pipeline(cfg)
 
 
-def _pipeline(cfg: Config) -> PipelineSummary:
+def _for_method(cfg: Config, method: str, several: bool) -> Config:
+    """The config one drafter trains, exports and evaluates with; with several, each its own run and export."""
+    changes: dict[str, dict[str, Any]] = {"train": {"method": method}}
+    if several:
+        changes["train"]["run_name"] = f"{cfg.train.run_name}-{method}"
+        changes["export"] = {"output_dir": f"{cfg.export.output_dir.rstrip('/')}-{method}"}
+        if cfg.eval.plot:
+            plot = Path(cfg.eval.plot)
+            changes["eval"] = {"plot": str(plot.with_name(f"{plot.stem}-{method}{plot.suffix}"))}
+    return _with(cfg, changes)
+
+
+def _drafter_run(cfg: Config) -> dict[str, Any]:
+    """Train, export and evaluate one drafter: its numbers for the summary."""
     from medusa_ray import evaluate, export, train
 
+    result = train.run(cfg)
+    export_dir = export.run(cfg, checkpoint=result.best_checkpoint or result.checkpoint)
+    results = evaluate.run(cfg, medusa_dir=str(export_dir), compare_untrained=cfg.eval.compare_untrained)
+    untrained = results.get("compared", {}).get("untrained")
+    steps = cfg.train.eagle3_ttt_steps if cfg.train.method == "eagle3" else cfg.train.medusa_num_heads
+    prefix = "eagle3_step" if cfg.train.method == "eagle3" else "medusa"
+    return {
+        "result": result,
+        "head_top1": list(result.best_validation.get("top1") or
+                          [float(result.metrics.get(f"{prefix}{i}_top1", float("nan"))) for i in range(steps)]),
+        "expected_acceptance": result.best_validation.get("expected_acceptance"),
+        "acceptance_length": results.get("acceptance_length"),
+        "acceptance_length_untrained": untrained.get("acceptance_length") if untrained else None,
+        "speedup": results.get("speedup"),
+        "outputs_identical": results.get("outputs_identical"),
+        "train_tokens_per_s": result.tokens_per_s,
+        "train_peak_memory_mib": result.peak_memory_mib,
+        "train_steps": result.global_step,
+        "export_dir": str(export_dir),
+        "plots": result.plots + ([results["plot"]] if results.get("plot") else []),
+        "nodes": {"train": result.nodes, "export": [_export_node(export_dir)], "eval": [results.get("node_id")]},
+    }
+
+
+def _note_comparison(compared: dict[str, dict[str, Any]], fastest: str) -> None:
+    """Each export's model card says how it did against the other drafters, and which was faster."""
+    from medusa_ray.export import COMPARISON_FILE, write_model_card
+
+    numbers = ("expected_acceptance", "acceptance_length", "acceptance_length_untrained", "speedup",
+               "outputs_identical", "train_tokens_per_s", "train_peak_memory_mib", "train_steps")
+    table = {"fastest": fastest, "drafters": {m: {k: c[k] for k in numbers} for m, c in compared.items()}}
+    for c in compared.values():
+        path = Path(c["export_dir"]) / COMPARISON_FILE
+        path.write_text(json.dumps(table, indent=2) + "\n")
+        write_model_card(path.parent)
+
+
+def _pipeline(cfg: Config) -> PipelineSummary:
     work = _work_dir(cfg)
     if cfg.eval.prompts is None:
         cfg = _split_heldout(cfg, work)
@@ -246,27 +324,31 @@ def _pipeline(cfg: Config) -> PipelineSummary:
     if rows == 0:
         raise UserError(f"distillation produced no training rows in {cfg.distill.output_dir}; "
                         f"see {cfg.distill.output_dir}/errors")
-    result = train.run(cfg)
-    export_dir = export.run(cfg, checkpoint=result.best_checkpoint or result.checkpoint)
-    results = evaluate.run(cfg, medusa_dir=str(export_dir), compare_untrained=cfg.eval.compare_untrained)
-    untrained = results.get("compared", {}).get("untrained")
-
-    k = cfg.train.medusa_num_heads
+    methods = cfg.methods
+    runs = {m: _drafter_run(_for_method(cfg, m, len(methods) > 1)) for m in methods}
+    # The faster drafter leads: by measured speed-up, then by acceptance length.
+    fastest = max(runs, key=lambda m: (runs[m]["speedup"] or 0.0, runs[m]["acceptance_length"] or 0.0))
+    best = runs[fastest]
+    compared = {m: {k: v for k, v in r.items() if k not in ("plots", "nodes", "result")} for m, r in runs.items()} \
+        if len(methods) > 1 else {}
+    if compared:
+        _note_comparison(compared, fastest)
+    result = best["result"]
     summary = PipelineSummary(
         rows_distilled=rows,
         train_steps=result.global_step,
         train_resumed_from=result.resumed_from,
-        head_top1=list(result.best_validation.get("top1") or
-                       [float(result.metrics.get(f"medusa{i}_top1", float("nan"))) for i in range(k)]),
-        expected_acceptance=result.best_validation.get("expected_acceptance"),
-        acceptance_length=results.get("acceptance_length"),
-        acceptance_length_untrained=untrained.get("acceptance_length") if untrained else None,
-        speedup=results.get("speedup"),
-        outputs_identical=results.get("outputs_identical"),
-        export_dir=str(export_dir),
-        plots=result.plots + ([results["plot"]] if results.get("plot") else []),
-        nodes={"driver": [node_id()], "distill": distill_nodes, "train": result.nodes,
-               "export": [_export_node(export_dir)], "eval": [results.get("node_id")]},
+        head_top1=best["head_top1"],
+        expected_acceptance=best["expected_acceptance"],
+        acceptance_length=best["acceptance_length"],
+        acceptance_length_untrained=best["acceptance_length_untrained"],
+        speedup=best["speedup"],
+        outputs_identical=all(r["outputs_identical"] for r in runs.values()),
+        export_dir=best["export_dir"],
+        method=fastest,
+        compared=compared,
+        plots=[p for r in runs.values() for p in r["plots"]],
+        nodes={"driver": [node_id()], "distill": distill_nodes, **best["nodes"]},
     )
     (work / "pipeline_summary.json").write_text(json.dumps(asdict(summary), indent=2))
     print("\n" + summary.table())

@@ -7,6 +7,7 @@ process id (never `ray stop`, which would stop every Ray cluster of this user on
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -331,7 +332,7 @@ def _assert_readable(job_log: str, log_dir: Path) -> None:
     (log_file,) = log_dir.glob("pipeline-*.log")
     assert lines[-1] == f"full log: {log_file}"
     full = log_file.read_text()
-    assert "(pid=" in full and len(full.splitlines()) > 2 * len(lines)  # the workers' lines are there
+    assert re.search(r"^\([^)]* pid=\d+, ip=", full, re.M) and len(full.splitlines()) > len(lines)  # the workers' lines are there
 
 
 # --- training on a 2-node cluster ------------------------------------------------------------------------

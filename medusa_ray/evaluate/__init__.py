@@ -37,14 +37,23 @@ _ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 _PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
 
 
-def _medusa_config(medusa_dir: Path) -> dict[str, Any]:
-    path = medusa_dir / "config.json"
+def _drafter(draft_dir: Path) -> dict[str, Any]:
+    """What an export directory holds: ``method`` (medusa | eagle3), ``steps`` (the most tokens it drafts a
+    step), ``base`` (the base model it was exported for) and its ``config``."""
+    path = draft_dir / "config.json"
     if not path.is_file():
-        raise UserError(f"{medusa_dir} is not a Medusa directory: it has no config.json (run `medusa-ray export`)")
+        raise UserError(f"{draft_dir} is not a drafter directory: it has no config.json (run `medusa-ray export`)")
     config = json.loads(path.read_text())
-    if "medusa_num_heads" not in config:
-        raise UserError(f"{path}: no medusa_num_heads: not a Medusa heads directory")
-    return config
+    if config.get("speculators_model_type") == "eagle3":
+        proposal = (config.get("speculators_config") or {}).get("proposal_methods") or [{}]
+        verifier = (config.get("speculators_config") or {}).get("verifier") or {}
+        return {"method": "eagle3", "steps": int(proposal[0].get("speculative_tokens") or 3),
+                "base": verifier.get("name_or_path"), "config": config}
+    if "medusa_num_heads" in config:
+        return {"method": "medusa", "steps": int(config["medusa_num_heads"]),
+                "base": config.get("base_model_name_or_path"), "config": config}
+    raise UserError(f"{path}: neither Medusa heads (medusa_num_heads) nor an EAGLE-3 draft "
+                    "(speculators_model_type: eagle3)")
 
 
 def _engine_kwargs(cfg: Config) -> dict[str, Any]:
@@ -144,7 +153,7 @@ def _print_table(results: dict[str, Any]) -> None:
         ("accepted per position", " ".join(f"{a:.3f}" for a in results["accepted_per_position"])),
         ("drafts", results["num_drafts"]),
         ("tokens/s base", f"{results['tokens_per_s_base']:.1f}"),
-        ("tokens/s medusa", f"{results['tokens_per_s_medusa']:.1f}"),
+        (f"tokens/s {results.get('method', 'medusa')}", f"{results['tokens_per_s_medusa']:.1f}"),
         ("speed-up", f"{results['speedup']:.2f}x"),
         ("outputs identical", "yes" if results["outputs_identical"]
          else f"ERROR: {len(results['errors'])} prompt(s) differ"),
@@ -173,11 +182,10 @@ def run(cfg: Config, medusa_dir: str | None = None, compare_untrained: bool = Fa
     from medusa_ray.cluster import resolve_accelerator, run_task
 
     medusa_path = Path(medusa_dir or cfg.export.output_dir).expanduser().resolve()
-    config = _medusa_config(medusa_path)
-    heads = int(config["medusa_num_heads"])
-    k = cfg.eval.num_speculative_tokens or heads
-    if k > heads:
-        raise UserError(f"eval.num_speculative_tokens={k} but {medusa_path} has only {heads} heads")
+    drafter = _drafter(medusa_path)
+    k = cfg.eval.num_speculative_tokens or drafter["steps"]
+    if drafter["method"] == "medusa" and k > drafter["steps"]:
+        raise UserError(f"eval.num_speculative_tokens={k} but {medusa_path} has only {drafter['steps']} heads")
     if not cfg.eval.prompts:
         raise UserError("eval.prompts is not set: pass --prompts FILE")
     if cfg.eval.output_json:
@@ -211,10 +219,10 @@ def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool, 
     logs.configure_vllm()
     cfg = Config.model_validate(cfg_dict)
     medusa_path = Path(medusa_dir)
-    config = _medusa_config(medusa_path)
-    k = cfg.eval.num_speculative_tokens or int(config["medusa_num_heads"])
-    # --model wins; otherwise the base the heads were exported for.
-    base = cfg.model if "model" in cfg.model_fields_set else config.get("base_model_name_or_path") or cfg.model
+    drafter = _drafter(medusa_path)
+    k = cfg.eval.num_speculative_tokens or drafter["steps"]
+    # --model wins; otherwise the base the draft was exported for.
+    base = cfg.model if "model" in cfg.model_fields_set else drafter["base"] or cfg.model
     check_local_model(base)
     prompts = read_prompts(cfg.eval.prompts, cfg.eval.num_prompts, cfg.distill.mode)
 
@@ -223,7 +231,7 @@ def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool, 
     log.info("decoding %d prompts without Medusa", len(prompts))
     base_out, base_time, _ = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, None,
                                          _posting(board, 0, runs * len(prompts)))
-    speculative = {"method": "medusa", "model": str(medusa_path), "num_speculative_tokens": k}
+    speculative = {"method": drafter["method"], "model": str(medusa_path), "num_speculative_tokens": k}
     log.info("decoding %d prompts with Medusa (%d speculative tokens)", len(prompts), k)
     spec_out, spec_time, counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs, speculative,
                                                 _posting(board, len(prompts), runs * len(prompts)))
@@ -231,7 +239,8 @@ def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool, 
     compared = {}
     if compare_untrained:
         with tempfile.TemporaryDirectory(prefix="medusa-untrained-") as tmp:
-            other = untrained_heads(medusa_path, Path(tmp))
+            other = (untrained_draft(medusa_path, base, Path(tmp)) if drafter["method"] == "eagle3"
+                     else untrained_heads(medusa_path, Path(tmp)))
             log.info("decoding %d prompts with untrained Medusa heads", len(prompts))
             other_out, _, other_counters = _run_engine(base, prompts, cfg.eval.max_tokens, kwargs,
                                                        {**speculative, "model": str(other)},
@@ -264,7 +273,8 @@ def measure(cfg_dict: dict[str, Any], medusa_dir: str, compare_untrained: bool, 
     }
     if compared:
         results["compared"] = compared
-    if cfg.eval.heldout:
+    results["method"] = drafter["method"]
+    if cfg.eval.heldout and drafter["method"] == "medusa":  # teacher-forced accuracy per Medusa head
         from medusa_ray.evaluate.accuracy import head_accuracy
 
         results["head_accuracy"], results["heldout_positions"] = head_accuracy(
@@ -297,6 +307,23 @@ def _posting(board, done_before: int, total: int):
             return shown
 
     return PostingTqdm
+
+
+def untrained_draft(export_dir: Path, base: str, out: Path) -> Path:
+    """An EAGLE-3 draft of the export's shape (same layers and vocabulary maps) as training starts it."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from medusa_ray.model.eagle3 import build_draft
+
+    config = json.loads((export_dir / "config.json").read_text())
+    tensors = load_file(str(export_dir / "model.safetensors"))
+    proposal = config["speculators_config"]["proposal_methods"][0]
+    draft = build_draft(base, AutoConfig.from_pretrained(base), list(config["eagle_aux_hidden_state_layer_ids"]),
+                        tensors.get("d2t"), tensors.get("t2d"), int(config["draft_vocab_size"]),
+                        int(proposal["speculative_tokens"]))
+    draft.to(next(t.dtype for t in tensors.values() if t.is_floating_point())).save_pretrained(out)
+    return out
 
 
 def untrained_heads(export_dir: Path, out: Path) -> Path:

@@ -10,6 +10,7 @@ servers; see ``writer`` for the exact rules), the base tokenizer, ``README.md`` 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -23,6 +24,7 @@ from medusa_ray.export.checkpoint import check_heads, is_remote, local_checkpoin
 from medusa_ray.export.hub import HubTarget, prepare_push, upload
 from medusa_ray.export.public import public_meta, redact, source_id
 from medusa_ray.export.writer import (
+    COMPARISON_FILE,
     EVAL_FILE,
     EXPORT_FORMAT,
     MARKER_FILE,
@@ -34,9 +36,10 @@ from medusa_ray.export.writer import (
     read_marker,
     resolve_base,
     write_export,
+    write_medusa_files,
 )
 
-__all__ = ["run", "write_model_card", "EVAL_FILE", "MARKER_FILE", "WEIGHTS_FILE"]
+__all__ = ["run", "write_model_card", "COMPARISON_FILE", "EVAL_FILE", "MARKER_FILE", "WEIGHTS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +84,21 @@ def _check_output(out: Path, source: dict, overwrite: bool) -> bool:
 
 def _print_summary(out: Path, marker: dict, checkpoint: str, hub_url: str | None, reused: bool) -> None:
     meta = marker["meta"]
-    size = (out / WEIGHTS_FILE).stat().st_size / 2**20
+    if meta.get("method") == "eagle3":
+        from medusa_ray.export import eagle3
+
+        weights, drafter = eagle3.WEIGHTS_FILE, ("drafter", eagle3.describe(meta))
+    else:
+        weights = WEIGHTS_FILE
+        drafter = ("heads x layers", f"{meta['medusa_num_heads']} x {meta['medusa_num_layers']}"
+                                     f"{' (shared lm_head)' if meta['share_lm_head'] else ''}")
+    size = (out / weights).stat().st_size / 2**20
     rows = [
         ("export", f"{out}{' (already up to date)' if reused else ''}"),
         ("base model", marker["base_model"]),
         ("checkpoint", f"{checkpoint} (step {meta['global_step']})"),
-        ("heads x layers", f"{meta['medusa_num_heads']} x {meta['medusa_num_layers']}"
-                           f"{' (shared lm_head)' if meta['share_lm_head'] else ''}"),
-        ("weights", f"{WEIGHTS_FILE} {size:.1f} MiB {marker['dtype']}"),
+        drafter,
+        ("weights", f"{weights} {size:.1f} MiB {marker['dtype']}"),
     ]
     if hub_url:
         rows.append(("hub", hub_url))
@@ -163,9 +173,17 @@ def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
         base_name, base_cfg = resolve_base([meta["base_model"], cfg.model])
         check_base(meta, base_name, base_cfg)
         state_dict = read_heads(ckpt)
-        check_heads(state_dict, meta, ckpt)
         dtype = base_dtype(base_cfg)
-        tensors = head_tensors(state_dict, meta, base_name, dtype)
+        if meta["method"] == "eagle3":
+            from medusa_ray.export import eagle3
+
+            draft = eagle3.draft_from_checkpoint(state_dict, meta, base_name)
+            files = functools.partial(eagle3.write_files, draft=draft, dtype=dtype)
+        else:
+            check_heads(state_dict, meta, ckpt)
+            tensors = head_tensors(state_dict, meta, base_name, dtype)
+            files = functools.partial(write_medusa_files, tensors=tensors, config=medusa_config(meta, base_name),
+                                      base_name=base_name)
         marker = {
             "format": EXPORT_FORMAT,
             "source": source,
@@ -175,5 +193,5 @@ def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
             "node_id": node_id(),
             "meta": public_meta(meta),
         }
-        write_export(out, tensors, medusa_config(meta, base_name), marker, base_name)
+        write_export(out, marker, files)
     return False

@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medusa_ray.export.writer import EVAL_FILE, MARKER_FILE, is_local_path
+from medusa_ray.export.writer import COMPARISON_FILE, EVAL_FILE, MARKER_FILE, is_local_path
 
-_METRIC = re.compile(r"^medusa(\d+)_(loss|top\d+)$")
+_METRIC = re.compile(r"^(?:medusa|eagle3_step)(\d+)_(loss|top\d+|accept)$")
 
 
 def _fmt(value: Any) -> str:
@@ -22,7 +22,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _head_metrics_table(metrics: dict[str, Any]) -> list[str]:
+def _head_metrics_table(metrics: dict[str, Any], label: str = "head") -> list[str]:
     per_head: dict[int, dict[str, Any]] = {}
     for key, value in metrics.items():
         if m := _METRIC.match(key):
@@ -30,7 +30,7 @@ def _head_metrics_table(metrics: dict[str, Any]) -> list[str]:
     if not per_head:
         return ["No per-head metrics were recorded."]
     columns = sorted({c for row in per_head.values() for c in row}, key=lambda c: (c != "loss", len(c), c))
-    lines = ["| head | predicts | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    lines = [f"| {label} | predicts | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for k in sorted(per_head):
         cells = [_fmt(per_head[k].get(c, "")) for c in columns]
         lines.append(f"| {k} | token t+{k + 2} | " + " | ".join(cells) + " |")
@@ -43,8 +43,8 @@ def _eval_section(results: dict[str, Any]) -> list[str]:
         ("mean acceptance length (tokens per verification step)", results.get("acceptance_length")),
         ("acceptance rate per position", results.get("accepted_per_position")),
         ("drafts", results.get("num_drafts")),
-        ("tokens/s without Medusa", results.get("tokens_per_s_base")),
-        ("tokens/s with Medusa", results.get("tokens_per_s_medusa")),
+        ("tokens/s without speculation", results.get("tokens_per_s_base")),
+        ("tokens/s with the draft", results.get("tokens_per_s_medusa")),
         ("speed-up", results.get("speedup")),
         ("outputs identical to plain decoding", results.get("outputs_identical")),
         ("prompts", results.get("num_prompts")),
@@ -64,29 +64,58 @@ def _eval_section(results: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None) -> str:
+def _comparison_section(comparison: dict[str, Any], this: str) -> list[str]:
+    fastest = comparison["fastest"]
+    verdict = "This draft was the faster." if fastest == this else f"`{fastest}` was faster; this is `{this}`."
+    lines = ["## Medusa or EAGLE-3?", "",
+             f"Trained on the same distilled data and measured by vLLM on the same held-back prompts. {verdict}", "",
+             "| drafter | validation estimate | acceptance length | untrained | speed-up | training tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for method, c in comparison["drafters"].items():
+        cells = [_fmt(c.get(k)) if c.get(k) is not None else "-" for k in
+                 ("expected_acceptance", "acceptance_length", "acceptance_length_untrained", "speedup",
+                  "train_tokens_per_s")]
+        lines.append(f"| {'**' + method + '**' if method == fastest else method} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None,
+                      comparison: dict[str, Any] | None = None) -> str:
     meta = marker["meta"]
     base = marker["base_model"]
-    location = marker["location"]
-    heads = meta["medusa_num_heads"]
+    eagle3 = meta.get("method") == "eagle3"
     data = meta.get("data") or {}
     train_cfg = (meta.get("config") or {}).get("train", {})
-    front = ["---", "tags:", "- medusa", "- speculative-decoding", "- medusa-ray"]
+    front = ["---", "tags:", "- eagle3" if eagle3 else "- medusa", "- speculative-decoding", "- medusa-ray"]
     if not is_local_path(base):
         front.append(f"base_model: {base}")
     front.append("---")
-    lines = front + [
-        "",
-        f"# Medusa heads for `{base}`",
-        "",
-        f"{heads} Medusa heads ({meta['medusa_num_layers']} residual block(s) each) trained with medusa-ray on "
-        "the base model's own outputs. Head k predicts the token k+2 positions ahead; the base model's "
-        "`lm_head` still predicts the next one. Greedy outputs are unchanged; decoding gets faster when drafts "
-        "are accepted.",
-        "",
-        "Files: `medusa_lm_head.safetensors` (FasterDecoding/TGI layout: `{k}.{j}.linear.weight|bias`, "
-        "`{k}.{L}.weight`), `config.json` (read by both vLLM and TGI), the base model's tokenizer.",
-    ]
+    if eagle3:
+        lines = front + [
+            "",
+            f"# EAGLE-3 draft for `{base}`",
+            "",
+            f"One decoder layer trained with medusa-ray on the base model's own outputs. It reads the base's hidden "
+            f"states at layers {meta['eagle3_layer_ids']} and drafts {meta['eagle3_ttt_steps']} tokens a step from "
+            f"a vocabulary of the {meta['eagle3_draft_vocab_size']} tokens the base most often says; the base "
+            "verifies them. Greedy outputs are unchanged; decoding gets faster when drafts are accepted.",
+            "",
+            "Files: `config.json` and `model.safetensors` in the layout of vLLM's `speculators` library "
+            "(`speculators_model_type: eagle3`, with the `d2t`/`t2d` vocabulary maps), which vLLM loads directly.",
+        ]
+    else:
+        lines = front + [
+            "",
+            f"# Medusa heads for `{base}`",
+            "",
+            f"{meta['medusa_num_heads']} Medusa heads ({meta['medusa_num_layers']} residual block(s) each) trained "
+            "with medusa-ray on the base model's own outputs. Head k predicts the token k+2 positions ahead; the "
+            "base model's `lm_head` still predicts the next one. Greedy outputs are unchanged; decoding gets "
+            "faster when drafts are accepted.",
+            "",
+            "Files: `medusa_lm_head.safetensors` (FasterDecoding/TGI layout: `{k}.{j}.linear.weight|bias`, "
+            "`{k}.{L}.weight`), `config.json` (read by both vLLM and TGI), the base model's tokenizer.",
+        ]
     if meta.get("share_lm_head"):
         lines += ["", "These heads were trained with `share_lm_head`: each head projects through the frozen base "
                   "`lm_head`. Both servers expect one vocab projection per head, so `{k}.{L}.weight` holds a copy "
@@ -100,23 +129,36 @@ def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None) ->
               f"| optimizer steps | {meta['global_step']} |",
               f"| DeepSpeed ZeRO stage | {meta['zero_stage']} |",
               f"| workers | {meta['world_size']} |"]
-    for key in ("medusa_num_heads", "medusa_num_layers", "share_lm_head", "head_decay", "lr", "batch_size",
-                "grad_accum", "max_length", "warmup_ratio", "max_steps", "epochs", "weight_decay", "seed"):
+    drafter_keys = ("eagle3_ttt_steps", "eagle3_draft_vocab_size") if eagle3 else (
+        "medusa_num_heads", "medusa_num_layers", "share_lm_head")
+    for key in drafter_keys + ("head_decay", "lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
+                               "max_steps", "epochs", "weight_decay", "seed"):
         if train_cfg.get(key) is not None:
             lines.append(f"| {key} | {train_cfg[key]} |")
-    lines += ["", "Final metrics per head (last training step):", ""]
-    lines += _head_metrics_table(meta.get("metrics") or {})
+    unit = "draft step" if eagle3 else "head"
+    lines += ["", f"Final metrics per {unit} (last training step):", ""]
+    lines += _head_metrics_table(meta.get("metrics") or {}, "step" if eagle3 else "head")
     lines += [""]
     validation = meta.get("validation")
     if validation:
         top1 = " / ".join(f"{a:.3f}" for a in validation["top1"])
-        lines += [f"On {validation['rows']} held-back conversations at step {validation['step']}: top-1 per head "
+        lines += [f"On {validation['rows']} held-back conversations at step {validation['step']}: top-1 per {unit} "
                   f"{top1}, expected acceptance length {validation['expected_acceptance']:.3f} (an estimate of "
-                  "what vLLM measures: `1 + sum_k prod_(i<=k) top1_i`).", ""]
+                  "what vLLM measures: `1 + sum_k prod_(i<=k) p_i`).", ""]
     if results:
         lines += _eval_section(results)
-    speculative = json.dumps({"method": "medusa", "model": location, "num_speculative_tokens": heads})
-    lines += [
+    if comparison:
+        lines += _comparison_section(comparison, "eagle3" if eagle3 else "medusa")
+    lines += _serve_section(marker, eagle3)
+    return "\n".join(lines)
+
+
+def _serve_section(marker: dict[str, Any], eagle3: bool) -> list[str]:
+    meta, base, location = marker["meta"], marker["base_model"], marker["location"]
+    k = meta["eagle3_ttt_steps"] if eagle3 else meta["medusa_num_heads"]
+    speculative = json.dumps({"method": "eagle3" if eagle3 else "medusa", "model": location,
+                              "num_speculative_tokens": k})
+    lines = [
         "## Serve it",
         "",
         "vLLM (Python):",
@@ -133,6 +175,10 @@ def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None) ->
         f"vllm serve {base} --speculative-config '{speculative}'",
         "```",
         "",
+    ]
+    if eagle3:
+        return lines + ["TGI does not serve EAGLE drafts; for TGI, train Medusa heads (`train.method=medusa`).", ""]
+    lines += [
         "TGI (loads the base model from `base_model_name_or_path` in `config.json`):",
         "",
         "```bash",
@@ -147,18 +193,20 @@ def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None) ->
         lines.append("docker run --gpus all --shm-size 1g -p 8080:80 -e HF_TOKEN "
                      f"ghcr.io/huggingface/text-generation-inference:latest --model-id {location}")
     lines += ["```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_model_card(export_dir: str | Path) -> Path:
     """(Re)write ``README.md`` of an export from its marker and, if present, its ``eval_results.json``."""
     export_dir = Path(export_dir)
     marker = json.loads((export_dir / MARKER_FILE).read_text())
-    results = None
+    results = comparison = None
     if (export_dir / EVAL_FILE).is_file():
         results = json.loads((export_dir / EVAL_FILE).read_text())
+    if (export_dir / COMPARISON_FILE).is_file():
+        comparison = json.loads((export_dir / COMPARISON_FILE).read_text())
     path = export_dir / "README.md"
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render_model_card(marker, results))
+    tmp.write_text(render_model_card(marker, results, comparison))
     tmp.replace(path)
     return path

@@ -23,8 +23,9 @@ from medusa_ray.train.checkpoints import HEADS_FILE, META_FILE, META_FORMAT, is_
 
 log = logging.getLogger(__name__)
 
-_META_KEYS = ("base_model", "medusa_num_heads", "medusa_num_layers", "share_lm_head", "hidden_size", "vocab_size",
-              "global_step", "zero_stage", "world_size")
+_META_KEYS = ("base_model", "hidden_size", "vocab_size", "global_step", "zero_stage", "world_size")
+_METHOD_KEYS = {"medusa": ("medusa_num_heads", "medusa_num_layers", "share_lm_head"),
+                "eagle3": ("eagle3_ttt_steps", "eagle3_layer_ids", "eagle3_draft_vocab_size")}
 _HEAD_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
 
@@ -63,7 +64,10 @@ def read_meta(ckpt: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise UserError(f"{meta_path}: format is {got!r}, expected {META_FORMAT!r}: not a medusa-ray checkpoint")
-    missing = [k for k in _META_KEYS if k not in meta]
+    method = meta.setdefault("method", "medusa")  # checkpoints from before EAGLE-3 are Medusa heads
+    if method not in _METHOD_KEYS:
+        raise UserError(f"{meta_path}: unknown drafter method {method!r}")
+    missing = [k for k in _META_KEYS + _METHOD_KEYS[method] if k not in meta]
     if missing:
         raise UserError(f"{meta_path}: missing key(s) {', '.join(missing)}")
     return meta
@@ -85,7 +89,8 @@ def read_heads(ckpt: Path) -> dict[str, torch.Tensor]:
         state_dict = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is the user's to fix
         raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
-    return {k: v.to(torch.float32).contiguous() for k, v in state_dict.items()}
+    # Weights in fp32; an EAGLE-3 draft's vocabulary maps stay integers and booleans.
+    return {k: (v.to(torch.float32) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
 
 
 def check_heads(state_dict: dict[str, torch.Tensor], meta: dict, where: Path) -> None:

@@ -16,15 +16,16 @@ from typing import Any
 # Settings that describe how the heads were made and say nothing about where: (section, key).
 _PUBLIC_SETTINGS: dict[str, tuple[str, ...]] = {
     "distill": ("mode", "temperature", "top_p", "max_tokens", "seed"),
-    "train": ("medusa_num_heads", "medusa_num_layers", "share_lm_head", "head_decay", "topk", "max_length",
+    "train": ("method", "medusa_num_heads", "medusa_num_layers", "share_lm_head", "eagle3_ttt_steps",
+              "eagle3_draft_vocab_size", "eagle3_layers", "head_decay", "topk", "max_length",
               "num_workers", "zero_stage", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
               "warmup_steps", "max_steps", "epochs", "max_epochs", "min_steps", "step_budget", "patience",
               "val_fraction", "val_min_rows", "val_max_rows", "val_every", "seed"),
     "eval": ("num_prompts", "max_tokens", "num_speculative_tokens"),
 }
-_PUBLIC_META = ("format", "base_model", "medusa_num_heads", "medusa_num_layers", "share_lm_head", "hidden_size",
-                "vocab_size", "global_step", "zero_stage", "world_size", "metrics", "validation",
-                "base_architectures")
+_PUBLIC_META = ("format", "base_model", "method", "medusa_num_heads", "medusa_num_layers", "share_lm_head",
+                "eagle3_ttt_steps", "eagle3_layer_ids", "eagle3_draft_vocab_size", "hidden_size", "vocab_size",
+                "global_step", "zero_stage", "world_size", "metrics", "validation", "base_architectures")
 _PUBLIC_DATA = ("rows", "tokens", "truncated", "epoch", "bad_rows")
 _PUBLIC_EVAL = ("base_model", "num_prompts", "max_tokens", "num_speculative_tokens", "acceptance_length",
                 "accepted_per_position", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "output_tokens",

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
 MARKER_FILE = "medusa_ray_export.json"
 EVAL_FILE = "eval_results.json"
+COMPARISON_FILE = "drafters.json"
+"""Written by ``pipeline`` when it trained several drafters: each one's numbers on the same prompts."""
 EXPORT_FORMAT = "medusa-ray-export/1"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -189,20 +191,26 @@ def _publishable(tmp: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def write_export(out: Path, tensors: dict[str, torch.Tensor], config: dict, marker: dict, base_name: str) -> None:
-    """Write every file into a temp dir beside ``out`` and swap it in, so ``out`` is never half-written."""
+def write_medusa_files(tmp: Path, tensors: dict[str, torch.Tensor], config: dict, base_name: str) -> None:
+    """Medusa's files: the heads, the ``config.json`` both servers read, the base tokenizer (TGI loads it here)."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    try:
+        AutoTokenizer.from_pretrained(base_name).save_pretrained(tmp)
+    except Exception as exc:  # noqa: BLE001 - a base without a tokenizer still gives usable heads
+        log.warning("base model %s: tokenizer not copied (%s)", base_name, exc)
+
+
+def write_export(out: Path, marker: dict, write_files) -> None:
+    """``write_files(tmp)`` writes the drafter's files into a temp dir beside ``out``; the marker and the card
+    join them, and the whole dir is swapped in, so ``out`` is never half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        try:
-            AutoTokenizer.from_pretrained(base_name).save_pretrained(tmp)
-        except Exception as exc:  # noqa: BLE001 - a base without a tokenizer still gives usable heads
-            log.warning("base model %s: tokenizer not copied (%s)", base_name, exc)
+        write_files(tmp)
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         from medusa_ray.export.card import write_model_card
 

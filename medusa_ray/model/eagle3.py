@@ -79,10 +79,21 @@ def draft_layer_config(base_config: Any):
     return config
 
 
+def _library():
+    """The library logs through loguru, straight to stderr: its notes (which file it loads a layer from) are
+    for ``--verbose`` only."""
+    from loguru import logger
+
+    from medusa_ray.cluster import verbose
+
+    (logger.enable if verbose() else logger.disable)("speculators")
+
+
 def build_draft(base_name: str, base_config: Any, layer_ids: list[int], d2t, t2d, draft_vocab_size: int,
                 ttt_steps: int):
     """A fresh ``Eagle3DraftModel``: embeddings, the vocabulary projection (the base ``lm_head`` rows of the draft
     vocabulary) and the base's final norm copied from ``base_name`` by the library; the rest trainable."""
+    _library()
     from speculators.models.eagle3 import Eagle3DraftModel
 
     return Eagle3DraftModel.from_training_args(

@@ -60,6 +60,10 @@ class TrainResult:
     best_validation: dict[str, Any] = field(default_factory=dict)
     """That checkpoint's validation."""
     stopped_early: bool = False
+    tokens_per_s: float | None = None
+    """Training throughput of the last attempt, all workers, over its optimizer steps (validation excluded)."""
+    peak_memory_mib: float | None = None
+    """Rank 0's peak during training: GPU memory allocated on a GPU, resident memory on CPU."""
 
 
 def run(cfg: Config) -> TrainResult:
@@ -67,6 +71,10 @@ def run(cfg: Config) -> TrainResult:
     from medusa_ray.train.data import check_schema, list_data_files
 
     cfg = _resolve_paths(cfg)
+    if len(cfg.methods) > 1:
+        raise UserError(f"train.method={cfg.methods}: `train` trains one drafter per run (set train.method, "
+                        "and train.run_name for each), or run `pipeline`, which trains and compares them all")
+    cfg.train.method = cfg.methods[0]
     t = cfg.train
     check_local_model(cfg.model)
     files = list_data_files(cfg.train_data)
@@ -98,14 +106,23 @@ def _train(cfg: Config, files: list[str], hidden_size: int, vocab_size: int, loc
                     plan.duplicates)
     schedule = plan_schedule(t, plan.train_rows)
     init_ray(cfg.ray)
-    from medusa_ray.cluster import resolve_accelerator
+    from medusa_ray.cluster import resolve_accelerator, run_task
 
     use_gpu = t.use_gpu if t.use_gpu != "auto" else resolve_accelerator("auto", "train.use_gpu") == "gpu"
     how = (f"{schedule.total_steps} steps" if not schedule.early_stopping else
            f"up to {schedule.total_steps} steps, stopping when validation stops improving")
-    print(f"training {t.medusa_num_heads} heads on {plan.train_rows} conversations ({plan.val_rows} held back "
-          f"for validation), {how}, {t.num_workers} worker(s), ZeRO {t.zero_stage}", flush=True)
-    return _fit(cfg, plan, schedule, location, use_gpu)
+    vocab = None
+    if t.method == "eagle3":
+        from medusa_ray.train.drafters import eagle3_vocab
+
+        vocab = run_task(eagle3_vocab, cfg.to_dict(), plan.to_dict(), name="medusa-ray-eagle3-vocab")
+        what = (f"an EAGLE-3 draft ({t.eagle3_ttt_steps} steps, layers {vocab['layer_ids']}, draft vocabulary "
+                f"{vocab['draft_vocab_size']} covering {vocab['coverage']:.1%} of reply tokens)")
+    else:
+        what = f"{t.medusa_num_heads} Medusa heads"
+    print(f"training {what} on {plan.train_rows} conversations ({plan.val_rows} held back for validation), "
+          f"{how}, {t.num_workers} worker(s), ZeRO {t.zero_stage}", flush=True)
+    return _fit(cfg, plan, schedule, location, use_gpu, vocab)
 
 
 def _render(state: dict[str, Any]) -> tuple[int, int | None, str]:
@@ -115,8 +132,10 @@ def _render(state: dict[str, Any]) -> tuple[int, int | None, str]:
     return state["step"], state["total"], postfix
 
 
-def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool) -> TrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, vocab) -> TrainResult:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+
+    from medusa_ray.cluster import verbose
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from medusa_ray.cluster import torch_backend
@@ -130,7 +149,7 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool) ->
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "schedule": asdict(schedule),
-                               "run_dir": location, "board": board},
+                               "run_dir": location, "board": board, "vocab": vocab},
             torch_config=TorchConfig(backend=torch_backend(bool(use_gpu))),
             # SPREAD: one worker per node where possible, so workers don't contend for one node's GPUs and bus.
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(use_gpu),
@@ -140,6 +159,8 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool) ->
                 storage_path=t.storage_path,
                 checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, **score),
                 failure_config=FailureConfig(max_failures=t.max_failures),
+                # Ray Train's controller narrates every report at INFO on its console handler.
+                logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             ),
         )
         try:
@@ -168,7 +189,8 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool) ->
                        plot=plots[0] if plots else None, plots=plots,
                        data=meta.get("data", {}), nodes=worker_nodes(checkpoint), validation=validation,
                        best_checkpoint=best.uri, best_validation=best.meta.get("validation") or {},
-                       stopped_early=bool(state.get("stopped_early")))
+                       stopped_early=bool(state.get("stopped_early")), peak_memory_mib=out.get("peak_memory_mib"),
+                       tokens_per_s=out.get("tokens_per_s"))
 
 
 def plan_schedule(t, train_rows: int) -> Schedule:
@@ -277,17 +299,18 @@ def _check_resumable(cfg: Config, hidden_size: int, vocab_size: int) -> None:
     if not found:
         return
     latest, meta = found[-1].uri, found[-1].meta
-    expected = {
-        "medusa_num_heads": t.medusa_num_heads,
-        "medusa_num_layers": t.medusa_num_layers,
-        "share_lm_head": t.share_lm_head,
-        "hidden_size": hidden_size,
-        "vocab_size": vocab_size,
-    }
+    expected: dict[str, Any] = {"method": t.method, "hidden_size": hidden_size, "vocab_size": vocab_size}
+    if t.method == "eagle3":
+        expected.update(eagle3_ttt_steps=t.eagle3_ttt_steps,
+                        eagle3_draft_vocab_size=min(t.eagle3_draft_vocab_size, vocab_size))
+    else:
+        expected.update(medusa_num_heads=t.medusa_num_heads, medusa_num_layers=t.medusa_num_layers,
+                        share_lm_head=t.share_lm_head)
     for key, value in expected.items():
-        if meta.get(key) != value:
+        theirs = meta.get(key, "medusa" if key == "method" else None)  # checkpoints before EAGLE-3: Medusa
+        if theirs != value:
             raise UserError(
-                f"run {t.run_name!r} in {t.storage_path} has a checkpoint ({_name(latest)}) with {key}={meta.get(key)!r} "
+                f"run {t.run_name!r} in {t.storage_path} has a checkpoint ({_name(latest)}) with {key}={theirs!r} "
                 f"but this config gives {value!r}; use another train.run_name to start a new run"
             )
     if meta.get("zero_stage", 0) > 0 and meta.get("world_size") != t.num_workers:
@@ -304,18 +327,25 @@ def _name(checkpoint: str) -> str:
 
 def _print_summary(metrics: dict[str, Any], validation: dict[str, Any], t, step: int, ckpt: str, best,
                    progress: dict[str, Any], plots: list[str]) -> None:
-    """Per head: the last batch's loss, and (when there is a validation split) held-out top-1."""
-    tops = [f"top{i}" for i in range(1, t.topk + 1)]
+    """Per draft position: the last batch's loss and accuracy, and (with a validation split) held-out top-1."""
     val_top1 = validation.get("top1") or []
-    head = f"{'head':>4}  {'predicts':>8}  {'weight':>6}  {'loss':>7}  " + "  ".join(f"{c:>6}" for c in tops)
+    if t.method == "eagle3":
+        kind, names, cols = "EAGLE-3 draft", [f"eagle3_step{k}" for k in range(t.eagle3_ttt_steps)], ["top1", "accept"]
+        weights = [t.head_decay**k for k in range(len(names))]
+    else:
+        kind, names, cols = "Medusa heads", [f"medusa{k}" for k in range(t.medusa_num_heads)], \
+            [f"top{i}" for i in range(1, t.topk + 1)]
+        weights = [t.head_decay**k for k in range(len(names))]
+    label = "step" if t.method == "eagle3" else "head"
+    head = f"{label:>4}  {'predicts':>8}  {'weight':>6}  {'loss':>7}  " + "  ".join(f"{c:>6}" for c in cols)
     lines = [head + ("  val top1" if val_top1 else "")]
-    for k in range(t.medusa_num_heads):
-        loss = metrics.get(f"medusa{k}_loss", float("nan"))
-        accs = "  ".join(f"{metrics.get(f'medusa{k}_{c}', float('nan')):>6.3f}" for c in tops)
+    for k, name in enumerate(names):
+        loss = metrics.get(f"{name}_loss", float("nan"))
+        accs = "  ".join(f"{metrics.get(f'{name}_{c}', float('nan')):>6.3f}" for c in cols)
         val = f"  {val_top1[k]:>8.3f}" if k < len(val_top1) else ""
-        lines.append(f"{k:>4}  {'t+' + str(k + 2):>8}  {t.head_decay**k:>6.3f}  {loss:>7.4f}  {accs}{val}")
+        lines.append(f"{k:>4}  {'t+' + str(k + 2):>8}  {weights[k]:>6.3f}  {loss:>7.4f}  {accs}{val}")
     stop = " (stopped early: validation stopped improving)" if progress.get("stopped_early") else ""
-    print(f"\ntrained Medusa heads: step {step}{stop}, loss {metrics.get('loss', float('nan')):.4f}, "
+    print(f"\ntrained {kind}: step {step}{stop}, loss {metrics.get('loss', float('nan')):.4f}, "
           f"{metrics.get('tokens_per_s', float('nan')):.0f} tokens/s")
     print("\n".join(lines))
     if validation:

@@ -84,6 +84,10 @@ def run_checkpoints(storage_path: str, run_name: str) -> list[CheckpointInfo]:
     import pyarrow.fs
     from ray.train import Result
 
+    from medusa_ray import logs
+
+    logs.adopt_library_loggers()  # Ray Train set its driver-side logger up on import
+
     run = join(storage_path, run_name)
     fs, fs_path = pyarrow.fs.FileSystem.from_uri(_as_uri(run))
     if fs.get_file_info(fs_path).type == pyarrow.fs.FileType.NotFound:

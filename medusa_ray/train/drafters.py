@@ -31,6 +31,20 @@ def expected_acceptance(chain: list[float]) -> float:
     return total
 
 
+def medusa_metrics(stats: torch.Tensor, head_decay: float, topk: int) -> dict[str, float]:
+    """Per-head metrics from summed stats [K, 2 + topk] (loss_sum, n, hits@1..topk)."""
+    out: dict[str, float] = {}
+    total = 0.0
+    for k, row in enumerate(stats.tolist()):
+        n = max(row[1], 1.0)
+        out[f"medusa{k}_loss"] = row[0] / n
+        total += head_decay**k * out[f"medusa{k}_loss"]
+        for i in range(topk):
+            out[f"medusa{k}_top{i + 1}"] = row[2 + i] / n
+    out["loss"] = total
+    return out
+
+
 class Medusa:
     method = "medusa"
 
@@ -67,17 +81,7 @@ class Medusa:
         return loss, stats, mask
 
     def metrics(self, stats: torch.Tensor) -> dict[str, float]:
-        t = self.cfg.train
-        out: dict[str, float] = {}
-        total = 0.0
-        for k, row in enumerate(stats.tolist()):
-            n = max(row[1], 1.0)
-            out[f"medusa{k}_loss"] = row[0] / n
-            total += t.head_decay**k * out[f"medusa{k}_loss"]
-            for i in range(t.topk):
-                out[f"medusa{k}_top{i + 1}"] = row[2 + i] / n
-        out["loss"] = total
-        return out
+        return medusa_metrics(stats, self.cfg.train.head_decay, self.cfg.train.topk)
 
     def top1(self, metrics: dict[str, float]) -> list[float]:
         return [metrics[f"medusa{k}_top1"] for k in range(self.steps)]

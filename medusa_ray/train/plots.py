@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable
+
+
+_PER_POSITION = re.compile(r"^(medusa\d+|eagle3_step\d+)_loss$")
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -41,18 +45,20 @@ def plot_head_losses(metrics: Iterable[dict] | str | Path, out_png: str | Path) 
     rows = read_metrics(metrics) if isinstance(metrics, (str, Path)) else sorted(metrics, key=lambda r: r["step"])
     if not rows:
         raise ValueError("no metrics to plot")
-    heads = sorted({int(k[len("medusa"):-len("_loss")]) for r in rows for k in r
-                    if k.startswith("medusa") and k.endswith("_loss")})
+    # Medusa heads ("medusa0_loss") or EAGLE-3 draft steps ("eagle3_step0_loss").
+    names = sorted({m.group(1) for r in rows for key in r if (m := _PER_POSITION.match(key))},
+                   key=lambda n: int(re.sub(r"\D", "", n)))
     fig, (loss_ax, top1_ax) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in rows]
-    for k in heads:
-        label = f"head {k} (token t+{k + 2})"
-        loss_ax.plot(steps, [r.get(f"medusa{k}_loss") for r in rows], label=label)
-        top1_ax.plot(steps, [r.get(f"medusa{k}_top1") for r in rows], label=label)
+    for k, name in enumerate(names):
+        label = f"{'step' if name.startswith('eagle3') else 'head'} {k} (token t+{k + 2})"
+        loss_ax.plot(steps, [r.get(f"{name}_loss") for r in rows], label=label)
+        top1_ax.plot(steps, [r.get(f"{name}_top1") for r in rows], label=label)
     loss_ax.plot(steps, [r.get("loss") for r in rows], color="black", linestyle="--", linewidth=1,
                  label="weighted total")
-    loss_ax.set(xlabel="step", ylabel="cross-entropy", title="Medusa head losses")
-    top1_ax.set(xlabel="step", ylabel="top-1 accuracy (training batches)", title="Medusa head top-1", ylim=(0, 1))
+    loss_ax.set(xlabel="step", ylabel="loss", title="losses per draft position")
+    top1_ax.set(xlabel="step", ylabel="top-1 accuracy (training batches)", title="top-1 per draft position",
+               ylim=(0, 1))
     for ax in (loss_ax, top1_ax):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -74,9 +80,10 @@ def plot_validation(validation_jsonl: str | Path, out_png: str | Path) -> Path:
     ea_ax.axvline(best["step"], color="grey", linestyle=":", label=f"best: step {best['step']}")
     ea_ax.set(xlabel="step", ylabel="tokens per verification step",
               title="validation: expected acceptance length")
+    kind = "step" if (rows[0].get("names") or [""])[0].startswith("eagle3") else "head"
     for k in range(len(rows[0]["top1"])):
-        top1_ax.plot(steps, [r["top1"][k] for r in rows], marker=".", label=f"head {k} (token t+{k + 2})")
-    top1_ax.set(xlabel="step", ylabel="top-1 accuracy", title="validation: head top-1", ylim=(0, 1))
+        top1_ax.plot(steps, [r["top1"][k] for r in rows], marker=".", label=f"{kind} {k} (token t+{k + 2})")
+    top1_ax.set(xlabel="step", ylabel="top-1 accuracy", title=f"validation: {kind} top-1", ylim=(0, 1))
     for ax in (ea_ax, top1_ax):
         ax.grid(alpha=0.3)
         ax.legend()

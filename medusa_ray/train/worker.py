@@ -67,24 +67,23 @@ class Schedule:
 
 
 
-def build_models(cfg: Config, device, dtype, heads_dtype=None):
-    """The frozen base (every parameter requires_grad=False, in ``dtype``) and fresh heads initialised from its
-    lm_head, in ``heads_dtype`` (default ``dtype``)."""
-    import torch
+def load_base(cfg: Config, device, dtype):
+    """The frozen base: every parameter requires_grad=False, in ``dtype``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from medusa_ray.model.heads import MedusaHeads
-
-    t = cfg.train
     base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
     base.requires_grad_(False)
     base.eval()
-    base.to(device)
-    lm_head = base.get_output_embeddings().weight
-    torch.manual_seed(t.seed)
-    heads = MedusaHeads(t.medusa_num_heads, t.medusa_num_layers, lm_head, share_lm_head=t.share_lm_head)
-    heads.to(device=device, dtype=heads_dtype or dtype)
-    return base, heads
+    return base.to(device)
+
+
+def build_models(cfg: Config, device, dtype, heads_dtype=None):
+    """The frozen base and fresh Medusa heads initialised from its lm_head, in ``heads_dtype`` (default
+    ``dtype``)."""
+    from medusa_ray.train.drafters import Medusa
+
+    base = load_base(cfg, device, dtype)
+    return base, Medusa(cfg).build(base, device, heads_dtype or dtype)
 
 
 def decoder_of(base):
@@ -175,37 +174,17 @@ def init_engine(heads, ds_config: dict[str, Any], warmup_steps: int = 0, total_s
 
 
 def step_metrics(stats, head_decay: float, topk: int) -> dict[str, float]:
-    """Per-head metrics from summed stats [K, 2 + topk] (loss_sum, n, hits@1..topk)."""
-    out: dict[str, float] = {}
-    total = 0.0
-    for k, row in enumerate(stats.tolist()):
-        n = max(row[1], 1.0)
-        loss_k = row[0] / n
-        total += head_decay**k * loss_k
-        out[f"medusa{k}_loss"] = loss_k
-        for i in range(topk):
-            out[f"medusa{k}_top{i + 1}"] = row[2 + i] / n
-    out["loss"] = total
-    return out
+    """Per-head Medusa metrics from summed stats [K, 2 + topk] (loss_sum, n, hits@1..topk)."""
+    from medusa_ray.train.drafters import medusa_metrics
+
+    return medusa_metrics(stats, head_decay, topk)
 
 
-def heads_loss(engine, decoder, batch, cfg: Config, device):
-    """The heads' loss and per-head stats on one batch; the frozen base runs without gradients."""
-    import torch
+def forward_backward(engine, decoder, batch, cfg: Config, device, drafter=None):
+    """One micro-step: the drafter's loss (Medusa heads unless told), DeepSpeed backward + step."""
+    from medusa_ray.train.drafters import Medusa
 
-    ids, mask, labels = (x.to(device) for x in batch)
-    dtype = next(engine.module.parameters()).dtype
-    with torch.no_grad():
-        # No KV cache: nothing is generated, and building one costs memory on every step.
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.to(dtype)
-    t = cfg.train
-    loss, stats = engine(hidden, labels=labels, head_decay=t.head_decay, topk=t.topk, chunk_tokens=t.logits_chunk_tokens)
-    return loss, stats, mask
-
-
-def forward_backward(engine, decoder, batch, cfg: Config, device):
-    """One micro-step: heads' loss, DeepSpeed backward + step."""
-    loss, stats, mask = heads_loss(engine, decoder, batch, cfg, device)
+    loss, stats, mask = (drafter or Medusa(cfg)).loss(engine, decoder, batch, device)
     engine.backward(loss)
     lr = float(engine.get_lr()[0])  # the rate this update uses (after step() it is the next one's)
     engine.step()
@@ -317,22 +296,24 @@ class LocalSession(Session):
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train ``train_loop_per_worker``."""
+    from medusa_ray import logs
+
+    logs.worker_setup()  # Ray Train gave this worker's root logger a console handler of its own
     return run_loop(Config.model_validate(config["cfg"]), RaySession(), DataPlan.from_dict(config["plan"]),
-                    Schedule(**config["schedule"]), config["run_dir"], board=config.get("board"))
+                    Schedule(**config["schedule"]), config["run_dir"], board=config.get("board"),
+                    vocab=config.get("vocab"))
 
 
 def expected_acceptance(top1: list[float]) -> float:
-    """Tokens per verification step if head k's first guess is right with probability top1[k], independently:
-    ``1 + sum_k prod_{i<=k} top1_i``. An estimate of what vLLM measures (it drafts the heads' top-1 chain)."""
-    total, chain = 1.0, 1.0
-    for p in top1:
-        chain *= p
-        total += chain
-    return total
+    """Tokens per verification step if draft position k is right with probability top1[k] given the ones before:
+    ``1 + sum_k prod_{i<=k} top1_i``. An estimate of what vLLM measures."""
+    from medusa_ray.train.drafters import expected_acceptance as chain_length
+
+    return chain_length(top1)
 
 
 def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, location: str,
-             board=None) -> dict[str, Any]:
+             board=None, vocab: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the heads on ``plan``'s rows for ``schedule``; validate, checkpoint, stop early.
 
     ``location`` is the run's directory in its storage (a path or URI); rank 0 keeps the run's files there and
@@ -348,9 +329,14 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
     dtype = torch.bfloat16 if on_gpu else torch.float32
     collectives = Collectives(device)
 
+    from medusa_ray.train.drafters import drafter as make_drafter
+
     ds_config = deepspeed_config(cfg, on_gpu)
-    base, heads = build_models(cfg, device, dtype, heads_dtype(ds_config))
+    drafter = make_drafter(cfg, vocab)
+    base = load_base(cfg, device, dtype)
+    heads = drafter.build(base, device, heads_dtype(ds_config))
     decoder = decoder_of(base)
+    drafter.attach(decoder)
     trainable = sum(p.numel() for p in heads.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     engine = init_engine(heads, ds_config, schedule.warmup_steps, schedule.total_steps)
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -376,13 +362,14 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
     reader = RowReader(plan.columns)
     validator = _Validator(cfg, plan, reader, rank, world, pad_id) if plan.val_rows else None
 
-    acc = torch.zeros(t.medusa_num_heads, 2 + t.topk, dtype=torch.float64)
+    acc = torch.zeros(drafter.steps, drafter.width, dtype=torch.float64)
     acc_tokens = acc_rows = acc_trunc = acc_bad = 0
     bad_here: list[str] = []
     last_ckpt = progress.step if resumed else -1
     metrics: dict[str, Any] = {}
     validation: dict[str, Any] = {}
     window_start = time.perf_counter()
+    run_tokens = run_seconds = 0.0  # this attempt's training steps (validation and checkpoints excluded)
 
     def finished() -> bool:
         if progress.stopped_early or progress.step >= schedule.total_steps:
@@ -404,7 +391,7 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
             batch = tokenize_batch(batch, cfg.model, t.max_length)
             acc_bad += len(batch["bad"])
             bad_here += [b for b in batch["bad"] if len(bad_here) < 5]
-            stats, tokens, lr = forward_backward(engine, decoder, _collate(batch, pad_id), cfg, device)
+            stats, tokens, lr = forward_backward(engine, decoder, _collate(batch, pad_id), cfg, device, drafter)
             acc += stats.detach().to("cpu", torch.float64)
             acc_tokens += tokens
             acc_rows += len(batch["input_ids"])
@@ -424,8 +411,9 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
             progress.bad_rows += int(summed[-1])
             if rank == 0:
                 progress.bad_examples = (progress.bad_examples + bad_here)[:5]
-            metrics = step_metrics(stats_all, t.head_decay, t.topk)
+            metrics = drafter.metrics(stats_all)
             metrics.update(lr=lr, tokens_per_s=summed[-4] / max(elapsed, 1e-9), step=progress.step)
+            run_tokens, run_seconds = run_tokens + summed[-4], run_seconds + elapsed
             acc.zero_()
             acc_tokens = acc_rows = acc_trunc = acc_bad = 0
             bad_here = []
@@ -442,12 +430,12 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
             # Every checkpoint carries a validation: export picks the best checkpoint by it.
             checkpoint_now = progress.step % schedule.checkpoint_every == 0 or progress.step >= schedule.total_steps
             if validator is not None and (progress.step % schedule.val_every == 0 or checkpoint_now):
-                validation = _validate(validator, engine, decoder, cfg, device, collectives, progress, schedule)
+                validation = _validate(validator, engine, decoder, drafter, device, collectives, progress, schedule)
                 if rank == 0:
                     _log_validation(tracker, run_dir, validation)
             _post(board, schedule, metrics, validation)
             if checkpoint_now or progress.stopped_early:
-                _report_with_checkpoint(session, engine, cfg, progress, metrics, validation, zero_stage, base)
+                _report_with_checkpoint(session, engine, cfg, progress, metrics, validation, zero_stage, base, drafter)
                 last_ckpt = progress.step
                 if rank == 0:
                     run_files.push(location)
@@ -464,10 +452,10 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
     if progress.step > 0 and last_ckpt != progress.step:
         # The epochs ran out before the planned step count: the final state still gets validated and saved.
         if validator is not None and validation.get("step") != progress.step:
-            validation = _validate(validator, engine, decoder, cfg, device, collectives, progress, schedule)
+            validation = _validate(validator, engine, decoder, drafter, device, collectives, progress, schedule)
             if rank == 0:
                 _log_validation(tracker, run_dir, validation)
-        _report_with_checkpoint(session, engine, cfg, progress, metrics, validation, zero_stage, base)
+        _report_with_checkpoint(session, engine, cfg, progress, metrics, validation, zero_stage, base, drafter)
     if tracker is not None:
         summary = {**metrics, "rows": progress.rows, "tokens": progress.tokens, "truncated": progress.truncated,
                    "bad_rows": progress.bad_rows}
@@ -478,7 +466,19 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
     if rank == 0:
         run_files.push(location)
     return {"resumed_from": resumed_from, "progress": asdict(progress), "metrics": metrics,
-            "validation": validation, "plots": [str(p) for p in plots]}
+            "validation": validation, "plots": [str(p) for p in plots], "peak_memory_mib": _peak_memory_mib(device),
+            "tokens_per_s": run_tokens / run_seconds if run_seconds else None}
+
+
+def _peak_memory_mib(device) -> float:
+    """This worker's peak: GPU memory allocated on a GPU, the process's resident memory on CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _collate(batch: dict[str, Any], pad_id: int):
@@ -513,22 +513,20 @@ class _Validator:
         self.rows = len(rows)
 
 
-def _validate(validator: _Validator, engine, decoder, cfg: Config, device, collectives: Collectives,
+def _validate(validator: _Validator, engine, decoder, drafter, device, collectives: Collectives,
               progress: Progress, schedule: Schedule) -> dict[str, Any]:
-    """Teacher-forced per-head top-1 on the validation rows, its expected acceptance, early-stopping state."""
+    """Teacher-forced per-step top-1 on the validation rows, its expected acceptance, early-stopping state."""
     import torch
 
-    t = cfg.train
-    stats = torch.zeros(t.medusa_num_heads, 2 + t.topk, dtype=torch.float64)
+    stats = torch.zeros(drafter.steps, drafter.width, dtype=torch.float64)
     with torch.no_grad():
         for batch, counts in validator.batches:
-            _, batch_stats, _ = heads_loss(engine, decoder, batch, cfg, device)
+            _, batch_stats, _ = drafter.loss(engine, decoder, batch, device)
             if counts:
                 stats += batch_stats.detach().to("cpu", torch.float64)
     summed = torch.tensor(collectives.sum(stats.flatten().tolist()), dtype=torch.float64).view_as(stats)
-    per_head = step_metrics(summed, t.head_decay, t.topk)
-    top1 = [per_head[f"medusa{k}_top1"] for k in range(t.medusa_num_heads)]
-    ea = expected_acceptance(top1)
+    per_step = drafter.metrics(summed)
+    ea = expected_acceptance(drafter.chain(per_step))
     if ea > progress.best_val:
         progress.best_val, progress.best_step, progress.since_best = ea, progress.step, 0
     else:
@@ -536,8 +534,9 @@ def _validate(validator: _Validator, engine, decoder, cfg: Config, device, colle
     if (schedule.early_stopping and progress.step >= schedule.min_steps
             and progress.since_best >= schedule.patience):
         progress.stopped_early = True
-    return {"step": progress.step, "expected_acceptance": ea, "top1": top1,
-            "loss": [per_head[f"medusa{k}_loss"] for k in range(t.medusa_num_heads)],
+    names = [drafter.name(k) for k in range(drafter.steps)]
+    return {"step": progress.step, "expected_acceptance": ea, "top1": drafter.top1(per_step),
+            "loss": [per_step[f"{name}_loss"] for name in names], "names": names,
             "rows": validator.rows, "best_step": progress.best_step, "best_expected_acceptance": progress.best_val}
 
 
@@ -545,9 +544,10 @@ def _flat_validation(validation: dict[str, Any]) -> dict[str, float]:
     if not validation:
         return {}
     out = {"expected_acceptance": validation["expected_acceptance"]}
-    for k, (top1, loss) in enumerate(zip(validation["top1"], validation["loss"])):
-        out[f"medusa{k}_top1"] = top1
-        out[f"medusa{k}_loss"] = loss
+    names = validation.get("names") or [f"medusa{k}" for k in range(len(validation["top1"]))]
+    for name, top1, loss in zip(names, validation["top1"], validation["loss"]):
+        out[f"{name}_top1"] = top1
+        out[f"{name}_loss"] = loss
     return out
 
 
@@ -558,21 +558,26 @@ def _log_validation(tracker, run_dir: Path, validation: dict[str, Any]) -> None:
         tracker.log_metrics(_flat_validation(validation), step=validation["step"], prefix="val/")
 
 
-def full_head_weights(engine) -> dict[str, Any]:
-    """Every head parameter in full fp32, whatever the ZeRO stage: the optimizer's fp32 master copy where
-    DeepSpeed keeps one (partitioned under ZeRO 1-3, so all ranks must call this), else the parameter itself."""
+def full_head_weights(engine, keep=lambda name: True) -> dict[str, Any]:
+    """Every drafter parameter ``keep`` names, in full fp32, whatever the ZeRO stage: the optimizer's fp32 master
+    copy where DeepSpeed keeps one (partitioned under ZeRO 1-3, so all ranks must call this), else the parameter
+    itself; and the drafter's persistent buffers (EAGLE-3's vocabulary maps), as they are."""
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
     weights = {}
     for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        weights[name] = (param if full is None else full).detach().to("cpu", dtype=torch.float32).contiguous()
+        full = safe_get_full_fp32_param(param)  # a collective: every rank, every parameter
+        if keep(name):
+            weights[name] = (param if full is None else full).detach().to("cpu", dtype=torch.float32).contiguous()
+    for name, buffer in engine.module.named_buffers():
+        if keep(name) and name in engine.module.state_dict():
+            weights[name] = buffer.detach().to("cpu").contiguous()
     return weights
 
 
 def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Progress, metrics, validation,
-                            zero_stage, base) -> None:
+                            zero_stage, base, drafter) -> None:
     """Every rank writes its DeepSpeed shard; Ray Train merges the ranks' directories into one checkpoint."""
     rank, world = session.rank, session.world
     tmp = Path(tempfile.mkdtemp(prefix=f"medusa-ckpt-r{rank}-"))
@@ -580,7 +585,7 @@ def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Pro
         ds_dir = tmp / checkpoints.DEEPSPEED_DIR
         ds_dir.mkdir()  # DeepSpeed creates it on rank 0 only, assuming a shared filesystem
         engine.save_checkpoint(str(ds_dir), tag=f"global_step{progress.step}", client_state={"medusa_ray": asdict(progress)})
-        weights = full_head_weights(engine)  # a collective under ZeRO 1-3: every rank takes part
+        weights = full_head_weights(engine, drafter.trainable)  # a collective under ZeRO 1-3: every rank
         if rank == 0:
             from safetensors.torch import save_file
 
@@ -589,15 +594,10 @@ def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Pro
         (tmp / checkpoints.WORKERS_DIR / f"rank-{rank:05d}.json").write_text(json.dumps(
             {"rank": rank, "node_id": _node_id(), "device": str(session.device)}))
         if rank == 0:
-            heads = engine.module
             meta = {
                 "format": checkpoints.META_FORMAT,
                 "base_model": cfg.model,
-                "medusa_num_heads": heads.num_heads,
-                "medusa_num_layers": heads.num_layers,
-                "share_lm_head": heads.share_lm_head,
-                "hidden_size": heads.hidden_size,
-                "vocab_size": heads.vocab_size,
+                **drafter.meta(engine.module),
                 "global_step": progress.step,
                 "zero_stage": zero_stage,
                 "world_size": world,
