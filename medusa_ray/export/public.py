@@ -30,7 +30,7 @@ _PUBLIC_DATA = ("rows", "tokens", "truncated", "epoch", "bad_rows")
 _PUBLIC_EVAL = ("base_model", "num_prompts", "max_tokens", "num_speculative_tokens", "acceptance_length",
                 "accepted_per_position", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "output_tokens",
                 "tokens_per_s_base", "tokens_per_s_medusa", "speedup", "outputs_identical", "head_accuracy",
-                "heldout_positions")
+                "heldout_positions", "method")
 _URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?:[^@/?#]*@)?(?P<rest>[^?#]*)")
 
 
