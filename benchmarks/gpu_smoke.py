@@ -1,11 +1,13 @@
 """The first thing to run on a CUDA machine: the GPU paths end to end, in one process, in about a minute.
 
-    .venv/bin/python benchmarks/gpu_smoke.py [--model DIR] [--steps 30] [--out DIR]
+    .venv/bin/python benchmarks/gpu_smoke.py [--model DIR] [--steps 30] [--out DIR] [--method medusa|eagle3]
 
 1. The worker's training loop (``medusa_ray.train.worker.run_loop``) without Ray, in bf16 on one GPU, under an
    NCCL process group of world size 1: the collectives, DeepSpeed and the loss run exactly as on a Ray Train
    GPU worker (NCCL refuses CPU tensors, so a CPU tensor left in a collective fails here).
-2. ``export`` of the checkpoint it wrote, and a vLLM eval of that export (Medusa speculative decoding vs plain).
+2. ``export`` of the checkpoint it wrote, and a vLLM eval of that export (speculative decoding vs plain).
+   ``--method eagle3`` does the same for an EAGLE-3 draft (its online hidden states, the vocabulary task's
+   maps, the speculators export, vLLM's ``eagle3`` proposer).
 3. One JSON line: training tokens/s, peak GPU memory, acceptance length, speed-up, greedy outputs identical.
 
 Without ``--model`` it builds and briefly pretrains the embedded tiny Llama (nothing is downloaded). Not run in
@@ -46,6 +48,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--out", default=None, help="work dir (default: a temp dir)")
+    parser.add_argument("--method", choices=["medusa", "eagle3"], default="medusa")
     args = parser.parse_args()
 
     import torch
@@ -71,7 +74,8 @@ def main() -> int:
                             "train.lr=3e-3", f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}",
                             "train.warmup_steps=3", "train.max_length=256", "train.tracking=[]",
                             f"export.output_dir={out / 'export'}", f"eval.prompts={REPO / 'examples' / 'demo_prompts.jsonl'}",
-                            "eval.num_prompts=32", "eval.max_tokens=64", "eval.compare_untrained=true"])
+                            "eval.num_prompts=32", "eval.max_tokens=64", "eval.compare_untrained=true",
+                            f"train.method={args.method}"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,9 +87,14 @@ def main() -> int:
     session = LocalSession(device, out / "checkpoints")
     plan = make_plan([str(p) for p in sorted(data.glob("*.parquet"))], 0, cfg.train.val_fraction,
                      cfg.train.val_min_rows, cfg.train.val_max_rows)
+    vocab = None
+    if args.method == "eagle3":  # in a Ray task in `train`; the same function, here in-process
+        from medusa_ray.train.drafters import eagle3_vocab
+
+        vocab = eagle3_vocab(cfg.to_dict(), plan.to_dict())
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = run_loop(cfg, session, plan, plan_schedule(cfg.train, plan.train_rows), str(out / "run"))
+    result = run_loop(cfg, session, plan, plan_schedule(cfg.train, plan.train_rows), str(out / "run"), vocab=vocab)
     train_s = time.perf_counter() - t0
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     dist.destroy_process_group()
@@ -98,6 +107,7 @@ def main() -> int:
     untrained = results.get("compared", {}).get("untrained", {})
     print(json.dumps({
         "device": torch.cuda.get_device_name(0),
+        "method": args.method,
         "train_steps": result["progress"]["step"],
         "val_expected_acceptance": round(result["validation"].get("expected_acceptance", float("nan")), 3),
         "train_tokens_per_s": round(result["progress"]["tokens"] / train_s, 1),

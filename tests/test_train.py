@@ -146,6 +146,9 @@ def test_incompatible_rerun_and_bad_inputs_fail_before_ray(random_tiny_model, di
     register_checkpoints(run_dir.parent, [run_dir.name])
     with pytest.raises(UserError, match="medusa_num_heads=5"):
         run(_cfg(random_tiny_model, distilled, tmp_path, "old"))
+    # A checkpoint from before train.method existed is a Medusa one: an EAGLE-3 config does not resume it.
+    with pytest.raises(UserError, match="method='medusa' but this config gives 'eagle3'"):
+        run(_cfg(random_tiny_model, distilled, tmp_path, "old", "train.method=eagle3"))
     with pytest.raises(UserError, match="no \\*.parquet"):
         run(_cfg(random_tiny_model, tmp_path, tmp_path, "x"))
     with pytest.raises(UserError, match="model"):

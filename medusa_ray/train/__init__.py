@@ -299,13 +299,15 @@ def _check_resumable(cfg: Config, hidden_size: int, vocab_size: int) -> None:
     if not found:
         return
     latest, meta = found[-1].uri, found[-1].meta
-    expected: dict[str, Any] = {"method": t.method, "hidden_size": hidden_size, "vocab_size": vocab_size}
+    # The drafter's own shape first (what a user changed), then the base it was trained on.
+    expected: dict[str, Any] = {"method": t.method}
     if t.method == "eagle3":
         expected.update(eagle3_ttt_steps=t.eagle3_ttt_steps,
                         eagle3_draft_vocab_size=min(t.eagle3_draft_vocab_size, vocab_size))
     else:
         expected.update(medusa_num_heads=t.medusa_num_heads, medusa_num_layers=t.medusa_num_layers,
                         share_lm_head=t.share_lm_head)
+    expected.update(hidden_size=hidden_size, vocab_size=vocab_size)
     for key, value in expected.items():
         theirs = meta.get(key, "medusa" if key == "method" else None)  # checkpoints before EAGLE-3: Medusa
         if theirs != value:
