@@ -51,7 +51,7 @@ def setup(verbose_flag: bool) -> None:
         os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         # For the processes this one starts (vLLM's engine, when a stage runs in-process), as for Ray workers.
-        for key in ("TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS"):
+        for key in ("TORCH_CPP_LOG_LEVEL", "TORCH_LOGS", "PYTHONWARNINGS"):
             os.environ.setdefault(key, worker_env()[key])
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -121,7 +121,9 @@ def worker_env() -> dict[str, str]:
         return {VERBOSE_ENV: "1"}
     # vLLM leaves its records to the process's logging (the hook's split); torch's C++ notes and Python's
     # FutureWarnings from library internals are for library developers.
+    # torch._library warns in every engine process that Triton is missing, which on CPU it always is.
     env = {"VLLM_CONFIGURE_LOGGING": "0", "RAY_SERVE_LOG_TO_STDERR": "0", "TORCH_CPP_LOG_LEVEL": "ERROR",
+           "TORCH_LOGS": os.environ.get("TORCH_LOGS", "-torch._library"),
            "PYTHONWARNINGS": "ignore::FutureWarning", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if os.environ.get(LOG_DIR_ENV):
         env[LOG_DIR_ENV] = os.environ[LOG_DIR_ENV]

@@ -28,6 +28,7 @@ class Progress:
         self._start, self._start_n = time.monotonic(), initial
         self._bar = None
         self._printed = time.monotonic()
+        self._last_line = ""
         self._closed = False
         if self.stream.isatty():
             from tqdm import tqdm
@@ -54,9 +55,13 @@ class Progress:
         rate = (self.n - self._start_n) / max(time.monotonic() - self._start, 1e-9)
         if self.total and self.n < self.total and rate > 0:
             extra.append(f"ETA {_duration((self.total - self.n) / rate)}")
-        self.stream.write(f"{self.desc}: {done} {self.unit}" + "".join(f", {e}" for e in extra) + "\n")
-        self.stream.flush()
+        line = f"{self.desc}: {done} {self.unit}" + "".join(f", {e}" for e in extra)
         self._printed = time.monotonic()
+        if line == self._last_line:  # nothing moved since the last line (the final state, often): say it once
+            return
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        self._last_line = line
 
     def close(self) -> None:
         if self._closed:

@@ -55,6 +55,15 @@ def test_progress_off_a_terminal_prints_sparse_lines_and_a_last_one():
     assert lines[-1].startswith("distill: 1000/1000 conversations, 1000 so far")
     assert "ETA" in lines[0] and "\r" not in stream.getvalue()
 
+    # The last interval's line already says where it ended: closing does not say it again.
+    stream = io.StringIO()
+    bar = Progress("eval", total=4, unit="prompts", interval_s=0.0, stream=stream)
+    for n in range(1, 5):
+        bar.update(n)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[-1] == "eval: 4/4 prompts" and lines.count("eval: 4/4 prompts") == 1, lines
+
 
 def _distill_cli(tmp_path: Path, url: str, name: str, *flags: str) -> tuple[str, Path]:
     prompts = tmp_path / "prompts.jsonl"
