@@ -49,14 +49,15 @@ class PipelineSummary:
                 return "-"
             return f"{v:.3f}" if isinstance(v, float) else str(v)
 
+        what = "draft" if self.method == "eagle3" else "heads"
         rows = [
             ("rows distilled", self.rows_distilled),
             ("train steps", f"{self.train_steps}"
                             + (f" (resumed at {self.train_resumed_from})" if self.train_resumed_from else "")),
-            ("head top-1 (validation)", " ".join(f"{a:.3f}" for a in self.head_top1) or "-"),
+            ("top-1 per draft position (validation)" if what == "draft" else "head top-1 (validation)", " ".join(f"{a:.3f}" for a in self.head_top1) or "-"),
             ("expected acceptance (validation)", self.expected_acceptance),
-            ("acceptance length (trained heads)", self.acceptance_length),
-            ("acceptance length (untrained heads)", self.acceptance_length_untrained),
+            (f"acceptance length (trained {what})", self.acceptance_length),
+            (f"acceptance length (untrained {what})", self.acceptance_length_untrained),
             ("speed-up vs. no speculation", self.speedup),
             ("greedy outputs identical", self.outputs_identical),
             ("export", self.export_dir),
