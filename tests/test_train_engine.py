@@ -11,6 +11,7 @@ from medusa_ray.data.chat import load_tokenizer, tokenize_messages
 from medusa_ray.tiny import corpus
 from medusa_ray.train import worker
 from medusa_ray.train.data import collate
+from medusa_ray.train.drafters import Medusa, medusa_metrics
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def test_training_changes_only_the_heads(process_group, random_tiny_model):
     tiny_model = random_tiny_model
     cfg = build_config({}, [f"model={tiny_model}", "train.zero_stage=2", "train.lr=3e-3", "train.warmup_steps=1",
                             "train.logits_chunk_tokens=64"])
-    base, heads = worker.build_models(cfg, torch.device("cpu"), torch.float32)
+    base = worker.load_base(cfg, torch.device("cpu"), torch.float32)
+    heads = Medusa(cfg).build(base, torch.device("cpu"), torch.float32)
     assert all(not p.requires_grad for p in base.parameters())
     base_before = {k: v.clone() for k, v in base.state_dict().items()}
     heads_before = {k: v.clone() for k, v in heads.state_dict().items()}
@@ -57,7 +59,7 @@ def test_training_changes_only_the_heads(process_group, random_tiny_model):
     losses = []
     for _ in range(6):
         stats, tokens, lr = worker.forward_backward(engine, decoder, batch, cfg, torch.device("cpu"))
-        losses.append(worker.step_metrics(stats, 0.8, 3)["loss"])
+        losses.append(medusa_metrics(stats, 0.8, 3)["loss"])
         assert lr > 0 and tokens == int(batch[1].sum())
     assert losses[-1] < losses[0] * 0.9, losses
 

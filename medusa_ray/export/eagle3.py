@@ -23,7 +23,7 @@ def draft_from_checkpoint(weights: dict[str, torch.Tensor], meta: dict, base_nam
     """The trained draft: rebuilt from the base like training built it, then the checkpoint's tensors loaded."""
     from transformers import AutoConfig
 
-    from medusa_ray.model.eagle3 import build_draft
+    from medusa_ray.model.eagle3 import FROM_BASE, build_draft
 
     weights = dict(weights)
     d2t, t2d = weights.pop("d2t", None), weights.pop("t2d", None)
@@ -31,8 +31,7 @@ def draft_from_checkpoint(weights: dict[str, torch.Tensor], meta: dict, base_nam
                         int(meta["eagle3_draft_vocab_size"]), int(meta["eagle3_ttt_steps"]))
     missing, unexpected = draft.load_state_dict(weights, strict=False)
     # What the base supplied (embeddings, projection, final norm) and the maps passed above are not missing.
-    trained = [k for k in missing if not k.startswith(("embed_tokens", "lm_head", "verifier_")) and k not in
-               ("d2t", "t2d")]
+    trained = [k for k in missing if not k.startswith(FROM_BASE) and k not in ("d2t", "t2d")]
     if unexpected or trained:
         raise UserError(f"checkpoint weights do not fit an EAGLE-3 draft for {base_name}: missing {trained[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}")

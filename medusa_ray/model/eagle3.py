@@ -22,6 +22,8 @@ import torch
 
 ATTENTION = "sdpa"
 """Draft attention in training: sdpa trains on CPU and GPU (the library's flex attention has no CPU backward)."""
+FROM_BASE = ("embed_tokens", "lm_head", "verifier_")
+"""The draft's parameters that are the base's own (frozen; rebuilt from the base, never checkpointed)."""
 LOSS = ("kl_div", "eager")
 """KL to the base's own next-token distribution over the draft vocabulary; "eager" needs no Triton."""
 

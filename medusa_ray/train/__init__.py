@@ -332,20 +332,18 @@ def _print_summary(metrics: dict[str, Any], validation: dict[str, Any], t, step:
     """Per draft position: the last batch's loss and accuracy, and (with a validation split) held-out top-1."""
     val_top1 = validation.get("top1") or []
     if t.method == "eagle3":
-        kind, names, cols = "EAGLE-3 draft", [f"eagle3_step{k}" for k in range(t.eagle3_ttt_steps)], ["top1", "accept"]
-        weights = [t.head_decay**k for k in range(len(names))]
+        kind, label, names, cols = "EAGLE-3 draft", "step", [f"eagle3_step{k}" for k in range(t.eagle3_ttt_steps)], \
+            ["top1", "accept"]
     else:
-        kind, names, cols = "Medusa heads", [f"medusa{k}" for k in range(t.medusa_num_heads)], \
+        kind, label, names, cols = "Medusa heads", "head", [f"medusa{k}" for k in range(t.medusa_num_heads)], \
             [f"top{i}" for i in range(1, t.topk + 1)]
-        weights = [t.head_decay**k for k in range(len(names))]
-    label = "step" if t.method == "eagle3" else "head"
     head = f"{label:>4}  {'predicts':>8}  {'weight':>6}  {'loss':>7}  " + "  ".join(f"{c:>6}" for c in cols)
     lines = [head + ("  val top1" if val_top1 else "")]
     for k, name in enumerate(names):
         loss = metrics.get(f"{name}_loss", float("nan"))
         accs = "  ".join(f"{metrics.get(f'{name}_{c}', float('nan')):>6.3f}" for c in cols)
         val = f"  {val_top1[k]:>8.3f}" if k < len(val_top1) else ""
-        lines.append(f"{k:>4}  {'t+' + str(k + 2):>8}  {weights[k]:>6.3f}  {loss:>7.4f}  {accs}{val}")
+        lines.append(f"{k:>4}  {'t+' + str(k + 2):>8}  {t.head_decay**k:>6.3f}  {loss:>7.4f}  {accs}{val}")
     stop = " (stopped early: validation stopped improving)" if progress.get("stopped_early") else ""
     print(f"\ntrained {kind}: step {step}{stop}, loss {metrics.get('loss', float('nan')):.4f}, "
           f"{metrics.get('tokens_per_s', float('nan')):.0f} tokens/s")

@@ -150,7 +150,7 @@ class Eagle3:
             out[f"eagle3_step{k}_top1"] = hits / max(n, 1.0)
             # Right at step k given steps < k were right: what vLLM's acceptance at position k is.
             out[f"eagle3_step{k}_accept"] = cond_hits / max(cond_n, 1.0)
-            total += out[f"eagle3_step{k}_loss"]
+            total += self.cfg.train.head_decay**k * out[f"eagle3_step{k}_loss"]  # the objective, as Medusa's
         out["loss"] = total
         return out
 
@@ -170,7 +170,9 @@ class Eagle3:
     def trainable(self, name: str) -> bool:
         # What a checkpoint keeps: the trained layers and the vocabulary maps. The embeddings and the vocabulary
         # projection are the base's own (frozen), rebuilt from it at export.
-        return not name.startswith(("embed_tokens", "lm_head", "verifier_"))
+        from medusa_ray.model.eagle3 import FROM_BASE
+
+        return not name.startswith(FROM_BASE)
 
 
 def drafter(cfg: Config, vocab: dict[str, Any] | None = None):

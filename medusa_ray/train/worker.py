@@ -77,15 +77,6 @@ def load_base(cfg: Config, device, dtype):
     return base.to(device)
 
 
-def build_models(cfg: Config, device, dtype, heads_dtype=None):
-    """The frozen base and fresh Medusa heads initialised from its lm_head, in ``heads_dtype`` (default
-    ``dtype``)."""
-    from medusa_ray.train.drafters import Medusa
-
-    base = load_base(cfg, device, dtype)
-    return base, Medusa(cfg).build(base, device, heads_dtype or dtype)
-
-
 def decoder_of(base):
     """The transformer body without the lm_head: we only ever need its last hidden state."""
     get = getattr(base, "get_decoder", None)
@@ -171,13 +162,6 @@ def init_engine(heads, ds_config: dict[str, Any], warmup_steps: int = 0, total_s
     engine, _, _, _ = deepspeed.initialize(model=heads, model_parameters=params, config=ds_config,
                                            lr_scheduler=scheduler)
     return engine
-
-
-def step_metrics(stats, head_decay: float, topk: int) -> dict[str, float]:
-    """Per-head Medusa metrics from summed stats [K, 2 + topk] (loss_sum, n, hits@1..topk)."""
-    from medusa_ray.train.drafters import medusa_metrics
-
-    return medusa_metrics(stats, head_decay, topk)
 
 
 def forward_backward(engine, decoder, batch, cfg: Config, device, drafter=None):
@@ -302,14 +286,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     return run_loop(Config.model_validate(config["cfg"]), RaySession(), DataPlan.from_dict(config["plan"]),
                     Schedule(**config["schedule"]), config["run_dir"], board=config.get("board"),
                     vocab=config.get("vocab"))
-
-
-def expected_acceptance(top1: list[float]) -> float:
-    """Tokens per verification step if draft position k is right with probability top1[k] given the ones before:
-    ``1 + sum_k prod_{i<=k} top1_i``. An estimate of what vLLM measures."""
-    from medusa_ray.train.drafters import expected_acceptance as chain_length
-
-    return chain_length(top1)
 
 
 def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, location: str,
@@ -525,6 +501,8 @@ def _validate(validator: _Validator, engine, decoder, drafter, device, collectiv
             if counts:
                 stats += batch_stats.detach().to("cpu", torch.float64)
     summed = torch.tensor(collectives.sum(stats.flatten().tolist()), dtype=torch.float64).view_as(stats)
+    from medusa_ray.train.drafters import expected_acceptance
+
     per_step = drafter.metrics(summed)
     ea = expected_acceptance(drafter.chain(per_step))
     if ea > progress.best_val:
@@ -570,8 +548,9 @@ def full_head_weights(engine, keep=lambda name: True) -> dict[str, Any]:
         full = safe_get_full_fp32_param(param)  # a collective: every rank, every parameter
         if keep(name):
             weights[name] = (param if full is None else full).detach().to("cpu", dtype=torch.float32).contiguous()
+    persistent = engine.module.state_dict().keys()
     for name, buffer in engine.module.named_buffers():
-        if keep(name) and name in engine.module.state_dict():
+        if keep(name) and name in persistent:
             weights[name] = buffer.detach().to("cpu").contiguous()
     return weights
 
