@@ -108,9 +108,6 @@ class DistillConfig(_Section):
     a restarting replica or an overloaded endpoint gets time to recover."""
     request_timeout_s: float = Field(600.0, gt=0.0)
     """A request with no reply after this long counts as failed (and is retried)."""
-    fail_at: Optional[Literal["first_reply", "later_round", "shard_write"]] = None
-    """Testing aid: the run kills itself (SIGKILL, driver and worker) at that point, to exercise resume: the
-    first reply, the first reply of a conversation's third round, or a shard write between file and rename."""
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> "DistillConfig":
@@ -220,10 +217,6 @@ class TrainConfig(_Section):
     """Default: a local ``file:`` store inside the run's storage path."""
     mlflow_experiment: str = "medusa-ray"
     """MLflow experiment name."""
-    fail_at_step: Optional[int] = Field(None, ge=1)
-    """Testing aid: worker rank 0 raises once when it reaches this step, to exercise fault recovery."""
-    record_rows_dir: Optional[str] = None
-    """Testing aid: every rank appends the ids of each micro-batch it trains on to a file here."""
 
 
 class ExportConfig(_Section):

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from medusa_ray import distill
+from medusa_ray import distill, faults
 from medusa_ray.config import build_config
 from medusa_ray.data import read_conversations
 from medusa_ray.distill import plan_rounds
@@ -314,12 +314,12 @@ def test_killed_run_resumes_without_loss_or_duplicates(fail_at, distilled, ray_s
     cfg_file = tmp_path / "distill.yaml"
     tree = cfg.to_dict()
     tree["ray"]["address"] = ray_session.get_runtime_context().gcs_address  # joins our cluster: reuses the app
-    tree["distill"]["fail_at"] = fail_at
     cfg_file.write_text(yaml.safe_dump(tree))
     log = tmp_path / "cli.log"
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-m", "medusa_ray", "distill", "--config", str(cfg_file)],
-                              stdout=f, stderr=subprocess.STDOUT, timeout=600)
+                              stdout=f, stderr=subprocess.STDOUT, timeout=600,
+                              env={**os.environ, **faults.env(distill_kill_at=fail_at)})
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     first = {r["id"] for r in _rows(out)}
     assert len(first) < NUM_PROMPTS  # really interrupted mid-way

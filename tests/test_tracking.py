@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from medusa_ray import faults
 from medusa_ray.config import build_config
 
 # Before the session's Ray cluster starts, so train workers inherit it: no test ever talks to W&B's servers.
@@ -297,18 +298,20 @@ def _write_train_parquet(out_dir: Path, model_dir: Path, n: int = 48) -> None:
         pq.write_table(shard, out_dir / f"part-{i:05d}.parquet")
 
 
-def test_train_logs_every_head_to_all_three_and_a_resumed_run_appends(tmp_path, random_tiny_model, ray_session):
+def test_train_logs_every_head_to_all_three_and_a_resumed_run_appends(tmp_path, random_tiny_model, ray_session,
+                                                                        monkeypatch):
     """One train run that crashes at step 3 and resumes from its step-2 checkpoint: a single tracked run."""
     from medusa_ray import train
 
     data = tmp_path / "distill"
     _write_train_parquet(data, random_tiny_model)
     storage = tmp_path / "ray_results"
+    monkeypatch.setenv(*faults.env(train_fail_at_step=3).popitem())
     result = train.run(build_config({}, [
         ALL, f"model={random_tiny_model}", f"train.data={data}", f"train.storage_path={storage}",
         "train.run_name=tracked", f"train.medusa_num_heads={HEADS}", "train.batch_size=4", "train.max_length=64",
         "train.zero_stage=0", "train.warmup_steps=0", "train.use_gpu=false", "train.max_steps=4",
-        "train.checkpoint_every=2", "train.fail_at_step=3", "train.max_failures=1"]))
+        "train.checkpoint_every=2", "train.max_failures=1"]))
     assert result.global_step == 4 and result.resumed_from == 2
     run_dir = storage / "tracked"
     state = json.loads((run_dir / "tracking.json").read_text())

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from medusa_ray import faults
 from medusa_ray.config import build_config
 from medusa_ray.errors import UserError
 from medusa_ray.tiny import corpus
@@ -71,10 +72,11 @@ def _cfg(model, data, storage, run_name, *overrides):
     ])
 
 
-def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, random_tiny_model, distilled, tmp_path):
+def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, random_tiny_model, distilled, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.setenv(*faults.env(train_fail_at_step=8).popitem())
     cfg = _cfg(random_tiny_model, distilled, tmp_path, "fault", "train.zero_stage=2", "train.max_steps=20",
-               "train.checkpoint_every=5", "train.val_every=5", "train.keep_checkpoints=2", "train.fail_at_step=8",
-               "train.max_failures=1")
+               "train.checkpoint_every=5", "train.val_every=5", "train.keep_checkpoints=2", "train.max_failures=1")
     result = run(cfg)
 
     # Rank 0 raised at step 8; Ray Train restarted the workers from the step-5 checkpoint and finished.
@@ -116,12 +118,14 @@ def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, rand
     assert result.plot is not None and Path(result.plot).stat().st_size > 0
 
 
-def test_stopped_run_continues_when_rerun_zero3(ray_session, random_tiny_model, distilled, tmp_path):
+def test_stopped_run_continues_when_rerun_zero3(ray_session, random_tiny_model, distilled, tmp_path, monkeypatch):
     args = (random_tiny_model, distilled, tmp_path, "rerun", "train.zero_stage=3", "train.max_steps=8",
             "train.checkpoint_every=3")
     # The first attempt dies at step 5 with no retries left: the run stops after its step-3 checkpoint.
+    monkeypatch.setenv(*faults.env(train_fail_at_step=5).popitem())
     with pytest.raises(Exception, match="injected failure"):
-        run(_cfg(*args, "train.fail_at_step=5", "train.max_failures=0"))
+        run(_cfg(*args, "train.max_failures=0"))
+    monkeypatch.delenv(faults.ENV)
     stopped = find_latest_checkpoint(str(tmp_path), "rerun")
     assert checkpoints.read_meta(stopped)["global_step"] == 3
 
@@ -194,7 +198,7 @@ def test_a_finished_run_extends_when_rerun_with_more_steps(ray_session, random_t
 
 
 def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_session, random_tiny_model, distilled,
-                                                                       tmp_path):
+                                                                       tmp_path, monkeypatch):
     """Shuffled every epoch, interrupted at step 7 and resumed from the step-6 checkpoint: per rank and step the
     same rows as a run that was never interrupted (none twice, none skipped), and the same final weights."""
     import torch
@@ -210,11 +214,12 @@ def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_sessio
         return out
 
     runs = {}
-    for name, extra in (("straight", ()), ("interrupted", ("train.fail_at_step=7", "train.max_failures=1"))):
+    for name, fail_at in (("straight", {}), ("interrupted", {"train_fail_at_step": 7})):
         record = tmp_path / f"rows-{name}"
         record.mkdir()
+        monkeypatch.setenv(*faults.env(train_record_rows_dir=str(record), **fail_at).popitem())
         cfg = _cfg(random_tiny_model, distilled, tmp_path, name, "train.zero_stage=2", "train.max_steps=40",
-                   "train.checkpoint_every=3", "train.seed=5", f"train.record_rows_dir={record}", *extra)
+                   "train.checkpoint_every=3", "train.seed=5", "train.max_failures=1")
         runs[name] = (run(cfg), records(record))
     (straight, straight_rows), (resumed, resumed_rows) = runs["straight"], runs["interrupted"]
     assert resumed.resumed_from == 6 and straight.global_step == resumed.global_step == 40

@@ -33,6 +33,7 @@ from medusa_ray.config import Config
 from medusa_ray.data import input_units
 from medusa_ray.distill.conversation import plan_rounds
 from medusa_ray.distill.output import existing_models, remove_stale_temp_files
+from medusa_ray import faults
 from medusa_ray.errors import UserError, user_error_in
 from medusa_ray.locks import hold
 from medusa_ray.progress import watch
@@ -169,7 +170,8 @@ def _generate(cfg: Config, units, out: Path, ledger) -> tuple[dict, list[str]]:
     ctx.enable_progress_bars = verbose()  # ours below shows what a person wants: conversations and tokens/s
     # Requests carry their own timeout and retries; a long multi-turn shard is progress Ray Data cannot see.
     ctx.execution_no_progress_timeout_s = -1
-    kill_pids = [os.getpid()] if d.fail_at else None
+    kill_at = faults.get("distill_kill_at")  # tests only
+    kill_pids = [os.getpid()] if kill_at else None
     with open_engine(cfg) as engine:
         nodes = engine.replica_nodes()
         log.info("distilling through %s, %d requests in flight", engine.description, engine.in_flight)
@@ -186,12 +188,12 @@ def _generate(cfg: Config, units, out: Path, ledger) -> tuple[dict, list[str]]:
             Distiller,
             fn_constructor_kwargs={"cfg": cfg.to_dict(), "model_id": engine.model_id,
                                    "client": engine.client_spec(), "in_flight": per_actor, "ledger": ledger,
-                                   "kill_pids": kill_pids},
+                                   "kill_pids": kill_pids, "kill_at": kill_at},
             compute=ActorPoolStrategy(size=d.concurrency, max_tasks_in_flight_per_actor=blocks_per_actor,
                                       max_concurrent_calls_per_actor=blocks_per_actor),
             batch_size=None, batch_format="pyarrow", num_cpus=0.5,
         )
-        sink = ShardSink(str(out), cfg.model, kill_pids if d.fail_at == "shard_write" else None)
+        sink = ShardSink(str(out), cfg.model, kill_pids if kill_at == "shard_write" else None)
         try:
             with watch("distill", "conversations", lambda: ray.get(ledger.snapshot.remote(), timeout=10),
                        functools.partial(_render, d.limit)):

@@ -65,7 +65,7 @@ def backoff_s(base: float, attempt: int) -> float:
 
 class Distiller:
     def __init__(self, cfg: dict[str, Any], model_id: str, client: dict[str, Any], in_flight: int, ledger=None,
-                 kill_pids: list[int] | None = None, client_factory=None):
+                 kill_pids: list[int] | None = None, kill_at: str | None = None, client_factory=None):
         from medusa_ray.distill.engine import make_client
 
         self.cfg = Config.model_validate(cfg)
@@ -73,7 +73,7 @@ class Distiller:
         self.client = (client_factory or make_client)(client)
         self.in_flight = in_flight
         self.ledger = ledger
-        self.kill_pids = kill_pids
+        self.kill_pids, self.kill_at = kill_pids, kill_at  # fault injection (medusa_ray.faults), tests only
         self._slots: asyncio.Semaphore | None = None
         self._done = self._tokens = 0
         self._first_request: float | None = None
@@ -113,7 +113,7 @@ class Distiller:
             outcome["prompt_tokens"] += reply["prompt_tokens"]
             outcome["completion_tokens"] += reply["completion_tokens"]
             outcome["finish_reason"] = reply["finish_reason"]
-            if self.kill_pids and d.fail_at == ("first_reply" if r == 0 else "later_round" if r == 2 else None):
+            if self.kill_pids and self.kill_at == ("first_reply" if r == 0 else "later_round" if r == 2 else None):
                 self._kill()
             if reply["finish_reason"] == "length":
                 # A reply cut at max_tokens is still exactly what the model says, and the longest replies are most
@@ -176,6 +176,6 @@ class Distiller:
         self._pushed = now
 
     def _kill(self) -> None:
-        """``distill.fail_at``: the run dies here as a killed job would (driver, then this worker)."""
+        """Fault ``distill_kill_at``: the run dies here as a killed job would (driver, then this worker)."""
         for pid in [*self.kill_pids, os.getpid()]:
             os.kill(pid, signal.SIGKILL)

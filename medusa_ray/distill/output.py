@@ -180,7 +180,7 @@ class ShardSink(Datasink):
         return counts
 
     def _kill(self) -> None:
-        """``distill.fail_at=shard_write``: die between writing a shard and renaming it into place."""
+        """Fault ``distill_kill_at=shard_write``: die between writing a shard and renaming it into place."""
         for pid in [*self.kill_pids, os.getpid()]:
             os.kill(pid, signal.SIGKILL)
 

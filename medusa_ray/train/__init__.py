@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medusa_ray import progress
+from medusa_ray import faults, progress
 from medusa_ray.config import Config, check_local_model
 from medusa_ray.errors import UserError
 from medusa_ray.locks import hold
@@ -149,7 +149,8 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, vo
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "schedule": asdict(schedule),
-                               "run_dir": location, "board": board, "vocab": vocab},
+                               "run_dir": location, "board": board, "vocab": vocab,
+                               "faults": faults.active()},
             torch_config=TorchConfig(backend=torch_backend(bool(use_gpu))),
             # SPREAD: one worker per node where possible, so workers don't contend for one node's GPUs and bus.
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(use_gpu),

@@ -285,11 +285,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     logs.worker_setup()  # Ray Train gave this worker's root logger a console handler of its own
     return run_loop(Config.model_validate(config["cfg"]), RaySession(), DataPlan.from_dict(config["plan"]),
                     Schedule(**config["schedule"]), config["run_dir"], board=config.get("board"),
-                    vocab=config.get("vocab"))
+                    vocab=config.get("vocab"), faults=config.get("faults"))
 
 
 def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, location: str,
-             board=None, vocab: dict[str, Any] | None = None) -> dict[str, Any]:
+             board=None, vocab: dict[str, Any] | None = None, faults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the heads on ``plan``'s rows for ``schedule``; validate, checkpoint, stop early.
 
     ``location`` is the run's directory in its storage (a path or URI); rank 0 keeps the run's files there and
@@ -300,6 +300,7 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
     from medusa_ray.train import run_files
 
     t = cfg.train
+    faults = faults or {}  # test hooks (medusa_ray.faults)
     rank, world, device = session.rank, session.world, session.device
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -362,8 +363,8 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
             if not collectives.all_true(batch is not None):
                 break
             consumed_any = True
-            if t.record_rows_dir:
-                _record_rows(t.record_rows_dir, rank, progress.step + 1, batch)
+            if faults.get("train_record_rows_dir"):
+                _record_rows(faults["train_record_rows_dir"], rank, progress.step + 1, batch)
             batch = tokenize_batch(batch, cfg.model, t.max_length)
             acc_bad += len(batch["bad"])
             bad_here += [b for b in batch["bad"] if len(bad_here) < 5]
@@ -398,7 +399,7 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
                                   f"more than train.max_bad_rows allows ({schedule.max_bad_rows}); e.g. "
                                   + "; ".join(progress.bad_examples[:3]))
 
-            if rank == 0 and t.fail_at_step == progress.step:
+            if rank == 0 and faults.get("train_fail_at_step") == progress.step:
                 _fail_once(run_dir, progress.step)
             if rank == 0:
                 _log_step(tracker, run_dir, metrics, t.log_every)
@@ -624,7 +625,7 @@ def _fail_once(run_dir: Path, step: int) -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text("")
-    raise RuntimeError(f"train.fail_at_step={step}: injected failure (test hook)")
+    raise RuntimeError(f"fault train_fail_at_step={step}: injected failure (test hook)")
 
 
 def _post(board, schedule: Schedule, metrics: dict[str, Any], validation: dict[str, Any]) -> None:
