@@ -243,9 +243,9 @@ def _track_distill(cfg: Config, summary: dict[str, Any]) -> None:
 
 
 def _count_rows(directory: str) -> int:
-    import pyarrow.parquet as pq
+    from medusa_ray import parquet
 
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in Path(directory).glob("*.parquet"))
+    return sum(parquet.num_rows(p) for p in Path(directory).glob("*.parquet"))
 
 
 def _export_node(export_dir: Path) -> str | None:

@@ -288,12 +288,10 @@ def _iter_rows(rows: Iterator[dict], name: str) -> Iterator[tuple[str, Any, str 
 
 
 def _iter_parquet(file: Path):
-    import pyarrow.parquet as pq
+    from medusa_ray import parquet
 
-    try:
-        pf = pq.ParquetFile(file)
-    except Exception as exc:
-        raise UserError(f"{file}: not a readable Parquet file: {exc}") from None
+    parquet.read_schema(file)  # readable, and nothing in it can run code when read
+    pf = parquet.open_file(file)
     columns = [c for c in ("messages", "conversations", "prompt") if c in pf.schema_arrow.names]
     if columns and "mode" in pf.schema_arrow.names:
         columns.append("mode")
@@ -324,6 +322,9 @@ def _iter_hf(path: Path):
         name = f"{path}[{split}]"
     else:
         name = str(path)
+    from medusa_ray import parquet
+
+    parquet.check_schema(ds.data.schema, name)  # its Arrow files are read like Parquet: same hazard
     yield from _iter_rows(iter(ds), name)
 
 

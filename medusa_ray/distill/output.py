@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
+from medusa_ray import parquet
 from medusa_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ def existing_ids(output_dir: Path) -> tuple[set[str], set[str]]:
         for file in _shard_files(directory) if directory.is_dir() else []:
             try:
                 if directory == output_dir:
-                    ids.update(pq.read_table(file, columns=["id"]).column("id").to_pylist())
+                    ids.update(parquet.read_table(file, columns=["id"]).column("id").to_pylist())
                 else:
-                    rows = pq.read_table(file, columns=["id", "reason"]).to_pylist()
+                    rows = parquet.read_table(file, columns=["id", "reason"]).to_pylist()
                     ids.update(r["id"] for r in rows if r["reason"] in FINAL_ERRORS)
             except Exception as exc:
                 raise UserError(f"{file}: unreadable shard in the output dir ({exc}); move it away to continue") from None
@@ -97,7 +98,7 @@ def existing_ids(output_dir: Path) -> tuple[set[str], set[str]]:
 def existing_models(output_dir: Path) -> set[str]:
     models: set[str] = set()
     for file in _shard_files(output_dir) if output_dir.is_dir() else []:
-        models.update(pq.read_table(file, columns=["model"]).column("model").unique().to_pylist())
+        models.update(parquet.read_table(file, columns=["model"]).column("model").unique().to_pylist())
     return models
 
 
@@ -198,7 +199,7 @@ def recorded_failures(output_dir: Path) -> set[str]:
     ids: set[str] = set()
     directory = output_dir / ERRORS_DIR
     for file in _shard_files(directory) if directory.is_dir() else []:
-        rows = pq.read_table(file, columns=["id", "reason"]).to_pylist()
+        rows = parquet.read_table(file, columns=["id", "reason"]).to_pylist()
         ids.update(r["id"] for r in rows if r["reason"] == "failed")
     return ids
 
@@ -212,7 +213,7 @@ def drop_superseded_failures(output_dir: Path, ids: set[str], keep_files: set[st
     for file in _shard_files(directory) if directory.is_dir() else []:
         if file.name in keep_files:
             continue
-        table = pq.read_table(file)
+        table = parquet.read_table(file)
         stale = [r == "failed" and i in ids for r, i in zip(table.column("reason").to_pylist(),
                                                             table.column("id").to_pylist())]
         if not any(stale):

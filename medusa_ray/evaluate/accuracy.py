@@ -34,9 +34,9 @@ def load_exported_heads(medusa_dir: str | Path):
 def head_accuracy(base_model: str, medusa_dir: str | Path, heldout: str, topk: int, max_rows: int,
                   max_length: int = 512) -> tuple[dict[str, list[float]], int]:
     """({"head k": [top-1, ..., top-topk]}, positions scored) over the first ``max_rows`` held-out rows."""
-    import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM
 
+    from medusa_ray import parquet
     from medusa_ray.data.chat import IGNORE_INDEX, load_tokenizer, tokenize_messages
 
     path = Path(heldout)
@@ -45,7 +45,8 @@ def head_accuracy(base_model: str, medusa_dir: str | Path, heldout: str, topk: i
         raise UserError(f"held-out data {heldout} has no Parquet files")
     rows = []
     for f in files:
-        rows += pq.read_table(f, columns=[c for c in ("messages", "mode") if c in pq.read_schema(f).names]).to_pylist()
+        names = parquet.read_schema(f).names
+        rows += parquet.read_table(f, columns=[c for c in ("messages", "mode") if c in names]).to_pylist()
         if len(rows) >= max_rows:
             break
     rows = rows[:max_rows]

@@ -235,14 +235,11 @@ def run_location(cfg: Config) -> str:
 
 
 def _columns(files: list[str]) -> set[str]:
-    import pyarrow.parquet as pq
+    from medusa_ray import parquet
 
     cols: set[str] | None = None
     for f in files:
-        try:
-            names = set(pq.read_schema(f).names)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{f}: not a readable Parquet file: {exc}") from None
+        names = set(parquet.read_schema(f).names)
         cols = names if cols is None else cols & names
     return cols or set()
 
@@ -257,12 +254,12 @@ def _same_model(a: str, b: str) -> bool:
 def _check_rows_model(files: list[str], model: str, data: str) -> None:
     """Heads learn what ``model`` says: rows distill labelled with another model are refused in one line.
     (Rows without a ``model`` label, made by hand, are taken as they are.)"""
-    import pyarrow.parquet as pq
+    from medusa_ray import parquet
 
     labels: set[str] = set()
     for f in files:
-        if "model" in pq.read_schema(f).names:
-            labels.update(m for m in pq.read_table(f, columns=["model"]).column("model").unique().to_pylist() if m)
+        if "model" in parquet.read_schema(f).names:
+            labels.update(m for m in parquet.read_table(f, columns=["model"]).column("model").unique().to_pylist() if m)
     others = sorted(m for m in labels if not _same_model(m, model))
     if others:
         raise UserError(f"train data {data} holds rows distilled from {', '.join(others)}, not model={model}; "

@@ -64,13 +64,13 @@ def make_plan(files: list[str], seed: int, val_fraction: float, val_min: int, va
               ) -> DataPlan:
     """Read the ids, split validation from training, cut units (see the module docstring): small enough that
     each of ``world`` ranks gets several, so a small shard is not all dealt to one rank."""
-    import pyarrow.parquet as pq
+    from medusa_ray import parquet
 
     seen: set[str] = set()
     rows: list[tuple[str, int, int, str]] = []  # (file, row group, index, id), first occurrence of each id
     duplicates = 0
     for f in files:
-        pf = pq.ParquetFile(f)
+        pf = parquet.open_file(f)
         has_id = "id" in pf.schema_arrow.names
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
@@ -125,12 +125,12 @@ class RowReader:
         self._cache: dict[tuple[str, int], Any] = {}
 
     def rows(self, unit: Unit, indices: list[int]) -> list[dict[str, Any]]:
-        import pyarrow.parquet as pq
+        from medusa_ray import parquet
 
         key = (unit.file, unit.row_group)
         table = self._cache.pop(key, None)
         if table is None:
-            pf = pq.ParquetFile(unit.file)
+            pf = parquet.open_file(unit.file)
             cols = [c for c in self.columns if c in pf.schema_arrow.names]
             table = pf.read_row_group(unit.row_group, columns=cols)
         self._cache[key] = table
