@@ -21,19 +21,6 @@ class ConfigError(UserError):
     """A configuration problem, phrased as one line that names the offending key."""
 
 
-def check_local_model(model: str) -> None:
-    """A ``model`` that names a local directory must exist: say so in one line instead of letting the Hub client
-    try ``outputs/tiny-model`` as a repo id. Local means: starts with ``.``, ``/`` or ``~``, has more than two
-    path parts, or is ``a/b`` where ``a`` is a local directory. ``org/name`` and bare names stay Hub ids."""
-    path = Path(model).expanduser()
-    if path.exists():
-        return
-    parts = Path(model).parts
-    local = model.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
-    if local:
-        raise ConfigError(f"model={model}: no such directory (a local path; Hub ids look like org/name)")
-
-
 class _Section(BaseModel):
     # Unknown keys are errors, and assignments are re-validated, so a config can never hold junk.
     model_config = ConfigDict(

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from medusa_ray.cluster import verbose
-from medusa_ray.config import Config, check_local_model
+from medusa_ray.config import Config
+from medusa_ray.paths import check_local_model
 from medusa_ray.errors import UserError
 
 log = logging.getLogger(__name__)

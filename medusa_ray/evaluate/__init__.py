@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from medusa_ray import progress
-from medusa_ray.config import Config, check_local_model
+from medusa_ray.config import Config
+from medusa_ray.paths import check_local_model
 from medusa_ray.errors import UserError
 from medusa_ray.writable import check_writable
 from medusa_ray.data import read_prompts

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from medusa_ray.config import check_local_model
+from medusa_ray.paths import check_local_model
 from medusa_ray.errors import UserError
 
 log = logging.getLogger(__name__)
