@@ -28,14 +28,19 @@ class HubStandIn:
     """``with HubStandIn(token="hf_x", writable_orgs={"me"}) as hub: ...`` then inspect ``hub.repos``.
 
     ``token_role`` is what ``whoami`` says of the token (``write``, ``read``, ``fineGrained``); a ``read``
-    token is refused every write, as the Hub does."""
+    token is refused every write, as the Hub does. Orgs in ``private_orgs`` make new repos private unless the
+    create request asks for a visibility (an organisation's private-by-default setting); ``created`` keeps
+    every create-repo request's JSON body."""
 
-    def __init__(self, token: str, writable_orgs: set[str], token_role: str = "write"):
+    def __init__(self, token: str, writable_orgs: set[str], token_role: str = "write",
+                 private_orgs: set[str] | None = None):
         self.token = token
         self.token_role = token_role
         self.writable_orgs = writable_orgs
+        self.private_orgs = private_orgs or set()
         self.repos: dict[str, Repo] = {}
         self.requests: list[str] = []  # "METHOD path", for assertions on what the client did
+        self.created: list[dict] = []  # create-repo request bodies
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -102,6 +107,7 @@ class HubStandIn:
                     return self._reply(200, {"errors": [], "warnings": []})
                 if path == "/api/repos/create":
                     payload = json.loads(body)
+                    hub.created.append(payload)
                     org = payload.get("organization") or "me"
                     repo_id = f"{org}/{payload['name']}"
                     if org not in hub.writable_orgs:
@@ -109,8 +115,8 @@ class HubStandIn:
                     if repo_id in hub.repos:
                         return self._reply(409, {"error": "You already created this model repo",
                                                  "url": f"{hub.url}/{repo_id}"})
-                    hub.repos[repo_id] = Repo(repo_id, private=payload.get("visibility") == "private"
-                                              or bool(payload.get("private")))
+                    asked = payload.get("visibility") or {True: "private", False: "public"}.get(payload.get("private"))
+                    hub.repos[repo_id] = Repo(repo_id, private=asked == "private" if asked else org in hub.private_orgs)
                     return self._reply(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
                 m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/]+)", path)
                 if not m or m.group(1) not in hub.repos:

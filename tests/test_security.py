@@ -112,3 +112,49 @@ def test_strip_credentials_in_text():
     out = strip_credentials_in_text(text)
     assert "secret" not in out and "pw" not in out and "sig" not in out
     assert "https://h/v1/chat/completions" in out and "https://x.example/a" in out
+
+
+# ---------------------------------------------------------------- item 5: a private push stays private
+
+TOKEN = "hf_security_test_token"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub.constants
+
+    from hub_standin import HubStandIn
+
+    with HubStandIn(token=TOKEN, writable_orgs={"org"}, private_orgs={"org"}) as standin:
+        monkeypatch.setenv("HF_ENDPOINT", standin.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        yield standin
+
+
+def _uploads(hub) -> list[str]:
+    return [r for r in hub.requests if "/preupload/" in r or "/commit/" in r]
+
+
+def test_not_asking_for_private_keeps_the_organisations_private_default(hub):
+    from medusa_ray.export.hub import prepare_push
+
+    prepare_push("org/heads", private=False)  # export.private's default: the user did not ask
+    assert all("private" not in body and "visibility" not in body for body in hub.created), hub.created
+    assert hub.repos["org/heads"].private, "an explicit private=False overrode the org's private default"
+
+
+def test_asking_for_private_refuses_an_existing_public_repo_before_uploading(hub, tmp_path):
+    from hub_standin import Repo
+
+    from medusa_ray.errors import UserError
+    from medusa_ray.export.hub import prepare_push
+
+    hub.repos["org/public-heads"] = Repo("org/public-heads", private=False)
+    with pytest.raises(UserError, match=r"org/public-heads: export\.private is set but the repo is public"):
+        prepare_push("org/public-heads", private=True)
+    assert _uploads(hub) == [] and hub.repos["org/public-heads"].files == {}
+
+    target = prepare_push("org/new-heads", private=True)
+    assert hub.repos["org/new-heads"].private and target.repo_id == "org/new-heads"
+    assert hub.created[-1].get("visibility") == "private" or hub.created[-1].get("private") is True
