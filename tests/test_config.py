@@ -60,9 +60,9 @@ def test_config_file_errors_name_the_file(tmp_path: Path):
         load_config(bad)
 
 
-def test_readme_config_reference_is_current():
+def test_docs_config_reference_is_current():
     from medusa_ray.config import reference_markdown
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    section = page.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
     assert section.strip() == reference_markdown().strip(), "run: python scripts/sync_readme.py"
