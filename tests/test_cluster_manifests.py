@@ -523,3 +523,56 @@ def test_job_entrypoint_reports_bad_config_in_one_line():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.medusa_num_heads" in lines[0] and lines[0].startswith("jobs/train.py")
+
+
+# --- the Hub token stays in its pod -----------------------------------------------------------------------
+
+SHARED = "/mnt/shared"
+
+
+def _env_settings() -> list[tuple[str, str, str]]:
+    """(where, name, value) of every environment variable cluster/ sets: container env in the KubeRay
+    manifests, `NAME=value` in the launchers' commands and docker options, ENV in the Dockerfile."""
+    found = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "env" and isinstance(value, list):
+                    found.extend((where, e["name"], str(e.get("value", ""))) for e in value if isinstance(e, dict))
+                else:
+                    walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(node, str):
+            for name, value in re.findall(r"\b([A-Z][A-Z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s'\";]+)", node):
+                found.append((where, name, value.strip("'\"")))
+
+    for path, doc in _manifests():
+        walk(doc, path.name)
+    for path in LAUNCHERS:
+        walk(yaml.safe_load(path.read_text()), path.name)
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text().replace("\\\n", " ")
+    for line in re.findall(r"^ENV\s+(.+)$", dockerfile, re.M):
+        walk(line, "Dockerfile ENV")
+    return found
+
+
+def test_only_the_hub_cache_is_on_the_shared_volume():
+    """HF_HOME holds the login token (HF_HOME/token): on a volume every pod mounts, one `hf auth login` would
+    hand the write token to every pod and node. Only the download cache (HF_HUB_CACHE) is shared."""
+    settings = _env_settings()
+    assert settings, "found no environment settings under cluster/"
+    for where, name, value in settings:
+        assert not (name == "HF_HOME" and value.startswith(SHARED)), f"{where}: HF_HOME={value} is on the shared volume"
+        if value.startswith(SHARED):
+            assert not name.startswith("HF_") or name == "HF_HUB_CACHE", f"{where}: {name}={value} shares Hub state"
+    for source in ["raycluster.yaml", "aws.yaml", "gcp.yaml"]:
+        assert any(where.startswith(source) and name == "HF_HUB_CACHE" and value.startswith(SHARED)
+                   for where, name, value in settings), f"{source}: HF_HUB_CACHE does not point at {SHARED}"
+    # Every pod of the RayCluster reads the same cache.
+    spec = _one("RayCluster")["spec"]
+    for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+        env = {e["name"]: e.get("value") for e in _containers(pod)[0]["env"]}
+        assert env.get("HF_HUB_CACHE", "").startswith(SHARED) and "HF_HOME" not in env
