@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DEMO_MODEL := outputs/demo/tiny-model
 
-.PHONY: env demo test clean
+.PHONY: env demo test test-fast clean
 
 env:
 	@bash scripts/setup_env.sh
@@ -13,6 +13,10 @@ demo: env
 
 test: env
 	$(PY) -m pytest tests
+
+# The developer loop: everything that starts neither Ray nor vLLM (a few minutes at most).
+test-fast: env
+	$(PY) -m pytest -m "not slow" tests
 
 clean:
 	rm -rf outputs .pytest_cache

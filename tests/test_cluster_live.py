@@ -11,7 +11,6 @@ import re
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,21 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import free_ports, write_distilled
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 pytestmark = pytest.mark.slow
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _short_tmp(prefix: str) -> Path:
@@ -74,29 +64,6 @@ def _reap(marker: str, timeout: float) -> list[int]:
         except OSError:
             pass
     return left
-
-
-def _write_distilled(out_dir: Path, model: Path, n: int = 48) -> Path:
-    """Training data in the distill output format (contract 1), without running vLLM."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from medusa_ray.tiny import corpus
-
-    out_dir.mkdir(parents=True)
-    convs = corpus.conversations(n, seed=7)
-    table = pa.table({
-        "id": [f"c{i}" for i in range(n)],
-        "messages": convs,
-        "mode": ["chat"] * n,
-        "model": [str(model)] * n,
-        "sampling": [{"temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 0}] * n,
-        "prompt_tokens": pa.array([10] * n, pa.int64()),
-        "completion_tokens": pa.array([10] * n, pa.int64()),
-        "finish_reason": ["stop"] * n,
-    })
-    pq.write_table(table, out_dir / "part-00000.parquet")
-    return out_dir
 
 
 # --- `ray job submit` on a real `ray start --head` cluster ------------------------------------------------
@@ -145,7 +112,7 @@ class _Cluster:
         temp.mkdir(exist_ok=True)
         log = open(self.root / f"{name}.log", "a")
         self.logs.append(log)
-        nm, om, metrics, agent_http, agent_grpc, renv = _free_ports(6)
+        nm, om, metrics, agent_http, agent_grpc, renv = free_ports(6)
         cmd = [
             RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1",
             f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--metrics-export-port={metrics}",
@@ -160,7 +127,7 @@ class _Cluster:
 
     def _launch_head(self) -> None:
         self.attempts += 1
-        self.gcs, dash, client = _free_ports(3)
+        self.gcs, dash, client = free_ports(3)
         self.dashboard = f"http://127.0.0.1:{dash}"
         self.head = self._start("head", [
             "--head", f"--num-cpus={self.head_cpus}", "--num-gpus=0", "--include-dashboard=true",
@@ -375,7 +342,8 @@ _TWO_NODE_DRIVER = textwrap.dedent(
 
 
 def test_training_workers_spread_over_two_nodes(random_tiny_model, tmp_path):
-    data = _write_distilled(tmp_path / "distilled", random_tiny_model)
+    data = write_distilled(tmp_path / "distilled", n=48, model=str(random_tiny_model), shards=1, ids="c{i}",
+                           errors=False)
     config = {
         "model": str(random_tiny_model),
         "train": {
@@ -388,7 +356,7 @@ def test_training_workers_spread_over_two_nodes(random_tiny_model, tmp_path):
     marker = uuid.uuid4().hex
     env = dict(os.environ, RAY_TMPDIR=str(temp), MEDUSA_RAY_TEST_CLUSTER=marker)
     env.pop("RAY_ADDRESS", None)
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _TWO_NODE_DRIVER, json.dumps({"config": config, "port": port})],

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import traceback
 
 import pytest
+from helpers import free_port
 
 ACCEL = "cuda"
 
@@ -93,9 +93,7 @@ def _rank_main(rank: int, port: int, results) -> None:
 
 
 def test_collectives_run_on_the_training_device_not_cpu():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(rank, port, results)) for rank in range(2)]

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from medusa_ray.distill import plan_rounds
 from medusa_ray.distill.engine import _endpoint_base, parse_reply, serve_deployment
 from medusa_ray.tiny import corpus
 from endpoint_standin import FlakyEndpoint
+from helpers import free_port, wait_for
 
 ENGINE_KWARGS = {"gpu_memory_utilization": 0.1, "enforce_eager": True, "max_model_len": 512, "dtype": "float32"}
 MAX_TOKENS = 64
@@ -154,12 +153,6 @@ def test_reply_parsing_and_endpoint_urls():
 # ---------------------------------------------------------------- fixtures
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
     """20 conversations (some multi-turn, some with a system turn): 10 ShareGPT + 10 JSONL, plus 2 bad lines and
@@ -181,7 +174,7 @@ def prompts(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def openai_server(tiny_model, tmp_path_factory):
     """A vLLM OpenAI server on a free port, started now and waited for only where it is used."""
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
@@ -215,7 +208,7 @@ def serve_app(ray_session, tiny_model, prompts, openai_server, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def distilled(serve_app, tiny_model, prompts, tmp_path_factory):
+def distill_run(serve_app, tiny_model, prompts, tmp_path_factory):
     cfg = _cfg(tiny_model, prompts, tmp_path_factory.mktemp("distill") / "out")
     return cfg, distill.run(cfg)
 
@@ -236,8 +229,9 @@ def _errors(out: Path) -> list[dict]:
 # ---------------------------------------------------------------- end to end
 
 
-def test_assistant_turns_equal_greedy_vllm_chat(distilled, tiny_model, prompts, tmp_path):
-    cfg, summary = distilled
+@pytest.mark.slow
+def test_assistant_turns_equal_greedy_vllm_chat(distill_run, tiny_model, prompts, tmp_path):
+    cfg, summary = distill_run
     out = Path(cfg.distill.output_dir)
     rows, errors = _rows(out), _errors(out)
     source = {c.id: c for c in read_conversations(prompts).conversations}
@@ -295,8 +289,9 @@ def test_assistant_turns_equal_greedy_vllm_chat(distilled, tiny_model, prompts, 
     del llm
 
 
-def test_bad_lines_are_reported_with_location(distilled, prompts):
-    cfg, _ = distilled
+@pytest.mark.slow
+def test_bad_lines_are_reported_with_location(distill_run, prompts):
+    cfg, _ = distill_run
     invalid = {e["source"]: e for e in _errors(Path(cfg.distill.output_dir)) if e["reason"] == "invalid"}
     jsonl = prompts / "b_messages.jsonl"
     assert set(invalid) == {f"{jsonl}:4", f"{jsonl}:7"}
@@ -304,8 +299,9 @@ def test_bad_lines_are_reported_with_location(distilled, prompts):
     assert invalid[f"{jsonl}:7"]["error"] == "empty conversation"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_at", ["first_reply", "later_round", "shard_write"])
-def test_killed_run_resumes_without_loss_or_duplicates(fail_at, distilled, ray_session, tiny_model, prompts,
+def test_killed_run_resumes_without_loss_or_duplicates(fail_at, distill_run, ray_session, tiny_model, prompts,
                                                        tmp_path):
     """Killed (driver and worker, SIGKILL) during the first round, mid multi-turn, and between writing a shard and
     renaming it: the re-run finds every input conversation exactly once across data and errors/."""
@@ -334,7 +330,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(fail_at, distilled, ray_s
     assert summary.skipped >= len(first)
     assert not list(out.glob(".tmp-*")) and not list((out / "errors").glob(".tmp-*"))
     # The second run's rows equal the uninterrupted run's: greedy output does not depend on the kill.
-    reference = {r["id"]: r["messages"] for r in _rows(Path(distilled[0].distill.output_dir))}
+    reference = {r["id"]: r["messages"] for r in _rows(Path(distill_run[0].distill.output_dir))}
     assert {r["id"]: r["messages"] for r in _rows(out)} == reference
     if fail_at == "first_reply":
         again = distill.run(cfg)  # nothing left: no engine is started, nothing is written
@@ -342,24 +338,26 @@ def test_killed_run_resumes_without_loss_or_duplicates(fail_at, distilled, ray_s
         assert again.duplicates == 1 and again.startup_s == 0
 
 
-def test_endpoint_openai_server(openai_server, distilled, tiny_model, prompts, tmp_path):
+@pytest.mark.slow
+def test_endpoint_openai_server(openai_server, distill_run, tiny_model, prompts, tmp_path):
     url, proc, log = openai_server
-    deadline = time.monotonic() + 300
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
+
+    def answers() -> bool:
         try:
             urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-            break
+            return True
         except OSError:
-            assert time.monotonic() < deadline, "vLLM OpenAI server did not come up"
-            time.sleep(1)
+            return False
+
+    wait_for(answers, 300, "vLLM OpenAI server did not come up", interval=0.5,
+             alive=lambda: proc.poll() is not None and log.read_text()[-3000:])
     out = tmp_path / "out"
     cfg = _cfg(tiny_model, prompts / "a_sharegpt.json", out, endpoint=url, concurrency=2)
     summary = distill.run(cfg)
     rows = _rows(out)
     assert summary.rows_out == len(rows) > 0
     assert summary.rows_out + summary.failed + summary.empty == 10
-    reference = {r["id"]: r["messages"] for r in _rows(Path(distilled[0].distill.output_dir))}
+    reference = {r["id"]: r["messages"] for r in _rows(Path(distill_run[0].distill.output_dir))}
     # Same model, same greedy decoding: the server's answers equal the Serve deployment's.
     assert {r["id"]: r["messages"] for r in rows} == {r["id"]: reference[r["id"]] for r in rows}
 
@@ -367,6 +365,7 @@ def test_endpoint_openai_server(openai_server, distilled, tiny_model, prompts, t
 # ---------------------------------------------------------------- endpoint failures and shared apps
 
 
+@pytest.mark.slow
 def test_endpoint_failures_become_error_rows_and_a_wrong_model_is_one_line(ray_session, tmp_path):
     from medusa_ray.errors import UserError
 
@@ -392,6 +391,7 @@ def test_endpoint_failures_become_error_rows_and_a_wrong_model_is_one_line(ray_s
     endpoint.server.shutdown()
 
 
+@pytest.mark.slow
 def test_a_shared_serve_app_outlives_its_starter(serve_app):
     """The run that started an app leaves while another still uses it: the app stays until the last one leaves."""
     import contextlib

@@ -50,12 +50,12 @@ def test_padded_batches_pack_into_one_shifted_row():
 
 @pytest.fixture(scope="module")
 def eagle3_run(tiny_model, ray_session, tmp_path_factory):
-    from test_train import write_distill_parquet
+    from helpers import write_distilled
 
     from medusa_ray import train
 
     work = tmp_path_factory.mktemp("eagle3")
-    data = write_distill_parquet(work / "data", n=256, model=str(tiny_model))
+    data = write_distilled(work / "data", n=256, model=str(tiny_model))
 
     def cfg(*overrides):
         return build_config({}, [
@@ -69,6 +69,7 @@ def eagle3_run(tiny_model, ray_session, tmp_path_factory):
     return cfg, train.run(cfg("train.max_steps=40")), work
 
 
+@pytest.mark.slow
 def test_eagle3_trains_resumes_exports_and_beats_an_untrained_draft_in_vllm(eagle3_run, tiny_model):
     from medusa_ray import evaluate, export, train
     from medusa_ray.train.checkpoints import read_meta

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import free_port
 
 from medusa_ray.config import build_config
 from medusa_ray.errors import UserError
@@ -29,30 +30,10 @@ RUNS = {
     "z3w2": (3, 2, True, 3),
 }
 
+pytestmark = pytest.mark.slow  # every test reads heads trained on Ray
 
-def write_distilled(out: Path, conversations: list, model: str = "tiny") -> Path:
-    """Distill-format Parquet (contract 1) from conversations whose assistant turns the tiny model learned."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [{
-        "id": f"conv-{i}", "messages": conv, "mode": "chat", "model": model,
-        "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 128, "seed": 0},
-        "prompt_tokens": sum(len(m["content"]) for m in conv if m["role"] != "assistant"),
-        "completion_tokens": sum(len(m["content"]) for m in conv if m["role"] == "assistant"),
-        "finish_reason": "stop",
-    } for i, conv in enumerate(conversations)]
-    pq.write_table(pa.Table.from_pylist(rows), out / "shard-00000.parquet")
-    return out
-
-
-@pytest.fixture(scope="session")
-def distilled(tmp_path_factory, tiny_model) -> Path:
-    from medusa_ray.tiny import corpus
-
-    return write_distilled(tmp_path_factory.mktemp("distill") / "data", corpus.conversations(256, seed=11),
-                           model=str(tiny_model))
+# The conversations the tiny model learned, labelled with it (conftest's ``distilled``).
+DISTILLED = {"model": "tiny_model", "seed": 11, "shards": 1, "ids": "conv-{i}", "errors": False}
 
 
 def _cfg(tiny_model: Path, root: Path, **sections):
@@ -65,7 +46,7 @@ def _cfg(tiny_model: Path, root: Path, **sections):
     return build_config(tree)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def trained(tiny_model, distilled, ray_session, tmp_path_factory) -> dict:
     """name -> (config, TrainResult) for every entry of RUNS, each trained once by ``train.run``."""
     from medusa_ray import train
@@ -77,12 +58,6 @@ def trained(tiny_model, distilled, ray_session, tmp_path_factory) -> dict:
                                             "num_workers": workers, "share_lm_head": share, "max_steps": steps})
         results[name] = (cfg, train.run(cfg))
     return results
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gather_worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]], out_dir: str) -> None:
@@ -112,7 +87,7 @@ def _gather_worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]]
         engine.destroy()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gathered(trained, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     """name -> the heads' full weights at the checkpoint's step, gathered by DeepSpeed itself."""
     import torch.multiprocessing as mp
@@ -122,12 +97,12 @@ def gathered(trained, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     for name, (_, result) in trained.items():
         by_world.setdefault(RUNS[name][1], []).append((name, str(result.checkpoint)))
     for world, jobs in by_world.items():
-        mp.start_processes(_gather_worker, args=(world, _free_port(), jobs, str(out)), nprocs=world,
+        mp.start_processes(_gather_worker, args=(world, free_port(), jobs, str(out)), nprocs=world,
                            start_method="spawn", join=True)
     return {name: torch.load(out / f"{name}.pt") for name in trained}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory) -> dict[str, Path]:
     from medusa_ray import export
 

@@ -73,11 +73,11 @@ def test_the_same_process_may_nest(tmp_path):
 
 def test_every_stage_takes_its_lock_before_writing(tmp_path, random_tiny_model):
     from medusa_ray import distill, export, train
-    from test_train import write_distill_parquet
+    from helpers import write_distilled
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
-    data = write_distill_parquet(tmp_path / "data", n=16, model=str(random_tiny_model))
+    data = write_distilled(tmp_path / "data", n=16, model=str(random_tiny_model))
     cfg = build_config({}, [f"model={random_tiny_model}", f"distill.input={prompts}",
                             f"distill.output_dir={tmp_path / 'distilled'}", f"train.data={data}",
                             f"train.storage_path={tmp_path / 'runs'}", "train.run_name=r",

@@ -7,11 +7,13 @@ import json
 import logging
 import subprocess
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 from endpoint_standin import FlakyEndpoint
 
+from medusa_ray import progress
 from medusa_ray.logs import console_worthy
 from medusa_ray.progress import Progress
 
@@ -41,14 +43,16 @@ def test_a_worker_sends_what_a_person_should_see_to_stderr_and_the_rest_to_stdou
     assert "INFO" not in proc.stderr and "vllm.cpu-ERROR" not in proc.stdout
 
 
-def test_progress_off_a_terminal_prints_sparse_lines_and_a_last_one():
+def test_progress_off_a_terminal_prints_sparse_lines_and_a_last_one(monkeypatch):
+    now = [0.0]  # Progress's clock: moved by the test, not by waiting
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
     stream = io.StringIO()  # not a terminal
     bar = Progress("distill", total=1000, unit="conversations", interval_s=0.2, stream=stream)
     bar.update(0, "starting")  # nothing done yet: nothing to say
     for n in range(1, 1001):
         bar.update(n, f"{n} so far")
         if n % 250 == 0:
-            time.sleep(0.25)
+            now[0] += 0.25
     bar.close()
     lines = stream.getvalue().splitlines()
     assert 3 <= len(lines) <= 6, lines  # one per interval, not one per update
@@ -79,6 +83,7 @@ def _distill_cli(tmp_path: Path, url: str, name: str, *flags: str) -> tuple[str,
     return console, log_file
 
 
+@pytest.mark.slow
 def test_quiet_by_default_everything_in_the_log_file_and_on_the_console_with_verbose(tmp_path):
     endpoint = FlakyEndpoint(served="served-model")
     try:

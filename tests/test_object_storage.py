@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import S3_BUCKET as BUCKET
-from test_train import write_distill_parquet
+from helpers import write_distilled
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def _cli(args: list[str], env_extra: dict, cwd: Path) -> subprocess.CompletedPro
 
 
 def test_train_resume_and_export_on_s3(s3_env, random_tiny_model, tmp_path, monkeypatch):
-    data = write_distill_parquet(tmp_path / "distilled", n=64, model=str(random_tiny_model))
+    data = write_distilled(tmp_path / "distilled", n=64, model=str(random_tiny_model))
     storage = f"s3://{BUCKET}/runs"
     common = [f"model={random_tiny_model}", f"train.data={data}", f"train.storage_path={storage}",
               "train.run_name=s3run", "train.num_workers=1", "train.zero_stage=2", "train.batch_size=4",

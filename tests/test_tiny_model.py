@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 
@@ -30,6 +31,7 @@ def test_random_weights_differ_from_pretrained(tiny_model, random_tiny_model):
     assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_vllm_loads_and_generates_same_as_transformers(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams

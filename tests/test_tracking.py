@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -11,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import write_distilled
 
 from medusa_ray import faults
 from medusa_ray.config import build_config
@@ -258,53 +259,14 @@ def test_metric_keys_and_params_are_normalised(tmp_path):
 
 # ---------------------------------------------------------------- through train
 
-def _write_train_parquet(out_dir: Path, model_dir: Path, n: int = 48) -> None:
-    """Distill-contract shards (contract 1) from the tiny corpus, as distill would write them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from transformers import AutoTokenizer
-
-    from medusa_ray.tiny.corpus import conversations
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = []
-    for messages in conversations(n, seed=7):
-        prompt = [m for m in messages if m["role"] != "assistant"]
-        answers = [m for m in messages if m["role"] == "assistant"]
-        rows.append({
-            "id": hashlib.sha256(json.dumps(messages).encode()).hexdigest()[:16],
-            "messages": messages,
-            "mode": "chat",
-            "model": str(model_dir),
-            "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 0},
-            "prompt_tokens": sum(len(tok(m["content"]).input_ids) for m in prompt),
-            "completion_tokens": sum(len(tok(m["content"]).input_ids) for m in answers),
-            "finish_reason": "stop",
-        })
-    schema = pa.schema([
-        ("id", pa.string()),
-        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("mode", pa.string()),
-        ("model", pa.string()),
-        ("sampling", pa.struct([("temperature", pa.float64()), ("top_p", pa.float64()),
-                                ("max_tokens", pa.int64()), ("seed", pa.int64())])),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("finish_reason", pa.string()),
-    ])
-    out_dir.mkdir(parents=True)
-    for i in range(0, n, n // 2):
-        shard = pa.Table.from_pylist(rows[i : i + n // 2], schema=schema)
-        pq.write_table(shard, out_dir / f"part-{i:05d}.parquet")
-
-
+@pytest.mark.slow
 def test_train_logs_every_head_to_all_three_and_a_resumed_run_appends(tmp_path, random_tiny_model, ray_session,
                                                                         monkeypatch):
     """One train run that crashes at step 3 and resumes from its step-2 checkpoint: a single tracked run."""
     from medusa_ray import train
 
     data = tmp_path / "distill"
-    _write_train_parquet(data, random_tiny_model)
+    write_distilled(data, n=48, model=str(random_tiny_model), ids="sha256", errors=False)
     storage = tmp_path / "ray_results"
     monkeypatch.setenv(*faults.env(train_fail_at_step=3).popitem())
     result = train.run(build_config({}, [

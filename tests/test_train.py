@@ -1,12 +1,13 @@
 """`train` end to end on Ray Train: 2 workers, real DeepSpeed over gloo, distilled Parquet, tiny model."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from helpers import write_distilled
 
 from medusa_ray import faults
 from medusa_ray.config import build_config
@@ -16,30 +17,6 @@ from medusa_ray.train import checkpoints, find_latest_checkpoint, run
 from medusa_ray.train.plots import read_metrics
 
 NUM_HEADS = 3
-
-
-def write_distill_parquet(out_dir: Path, n: int = 256, seed: int = 7, shards: int = 2, model: str = "tiny") -> Path:
-    """Conversations in the distill output format (contract 1), as distill would write them."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for messages in corpus.conversations(n, seed):
-        rows.append({
-            "id": hashlib.sha1(json.dumps(messages).encode()).hexdigest()[:16],
-            "messages": messages,
-            "mode": "chat",
-            "model": model,
-            "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 0},
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "finish_reason": "stop",
-        })
-    per_shard = -(-len(rows) // shards)
-    for i in range(shards):
-        pq.write_table(pa.Table.from_pylist(rows[i * per_shard : (i + 1) * per_shard]), out_dir / f"part-{i:05d}.parquet")
-    # Failed requests live under errors/ and must never be trained on.
-    (out_dir / "errors").mkdir()
-    pq.write_table(pa.table({"id": ["x"], "error": ["timeout"]}), out_dir / "errors" / "part-00000.parquet")
-    return out_dir
 
 
 def register_checkpoints(run_dir: Path, names: list[str]) -> None:
@@ -58,11 +35,6 @@ def register_checkpoints(run_dir: Path, names: list[str]) -> None:
     (run_dir / "checkpoint_manager_snapshot.json").write_text(state.model_dump_json())
 
 
-@pytest.fixture(scope="session")
-def distilled(tmp_path_factory, random_tiny_model) -> Path:
-    return write_distill_parquet(tmp_path_factory.mktemp("distill") / "out", model=str(random_tiny_model))
-
-
 def _cfg(model, data, storage, run_name, *overrides):
     return build_config({}, [
         f"model={model}", f"train.data={data}", f"train.storage_path={storage}", f"train.run_name={run_name}",
@@ -72,6 +44,7 @@ def _cfg(model, data, storage, run_name, *overrides):
     ])
 
 
+@pytest.mark.slow
 def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, random_tiny_model, distilled, tmp_path,
                                                               monkeypatch):
     monkeypatch.setenv(*faults.env(train_fail_at_step=8).popitem())
@@ -118,6 +91,7 @@ def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, rand
     assert result.plot is not None and Path(result.plot).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_stopped_run_continues_when_rerun_zero3(ray_session, random_tiny_model, distilled, tmp_path, monkeypatch):
     args = (random_tiny_model, distilled, tmp_path, "rerun", "train.zero_stage=3", "train.max_steps=8",
             "train.checkpoint_every=3")
@@ -160,11 +134,12 @@ def test_incompatible_rerun_and_bad_inputs_fail_before_ray(random_tiny_model, di
     with pytest.raises(UserError, match="deepspeed_config"):
         run(_cfg(random_tiny_model, distilled, tmp_path, "x", f"train.deepspeed_config={tmp_path}/ds.json"))
     # Rows another model wrote: its heads would learn the wrong model's habits.
-    other = write_distill_parquet(tmp_path / "other-rows", n=8, model="meta-llama/Llama-3.1-8B-Instruct")
+    other = write_distilled(tmp_path / "other-rows", n=8, model="meta-llama/Llama-3.1-8B-Instruct")
     with pytest.raises(UserError, match="holds rows distilled from meta-llama/Llama-3.1-8B-Instruct, not model="):
         run(_cfg(random_tiny_model, other, tmp_path, "y"))
 
 
+@pytest.mark.slow
 def test_bad_rows_are_skipped_and_counted_until_too_many(ray_session, random_tiny_model, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -184,6 +159,7 @@ def test_bad_rows_are_skipped_and_counted_until_too_many(ray_session, random_tin
                                  "(0); e.g. id=broken-42: no assistant turn to train on")
 
 
+@pytest.mark.slow
 def test_a_finished_run_extends_when_rerun_with_more_steps(ray_session, random_tiny_model, tmp_path):
     """8 rows, one batch per epoch: the checkpoint at step 5 ends an epoch, and the re-run must start the next
     one rather than find its resumed epoch empty."""
@@ -197,6 +173,7 @@ def test_a_finished_run_extends_when_rerun_with_more_steps(ray_session, random_t
     assert result.resumed_from == 5 and result.global_step == 10
 
 
+@pytest.mark.slow
 def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_session, random_tiny_model, distilled,
                                                                        tmp_path, monkeypatch):
     """Shuffled every epoch, interrupted at step 7 and resumed from the step-6 checkpoint: per rank and step the

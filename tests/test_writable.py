@@ -31,13 +31,13 @@ def test_unwritable_and_full_locations_are_refused(tmp_path, monkeypatch):
 
 def test_stages_check_their_outputs_before_working(tmp_path, random_tiny_model):
     from medusa_ray import distill, evaluate, train
-    from test_train import write_distill_parquet
+    from helpers import write_distilled
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
-    data = write_distill_parquet(tmp_path / "data", n=16, model=str(random_tiny_model))
+    data = write_distilled(tmp_path / "data", n=16, model=str(random_tiny_model))
     heads = tmp_path / "heads"
     heads.mkdir()
     (heads / "config.json").write_text(json.dumps({"medusa_num_heads": 2}))
@@ -77,7 +77,7 @@ def test_eval_prints_its_results_before_writing_them(tmp_path, monkeypatch, caps
 
 def test_a_missing_local_model_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, random_tiny_model):
     from medusa_ray import train
-    from test_train import write_distill_parquet
+    from helpers import write_distilled
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
@@ -87,7 +87,7 @@ def test_a_missing_local_model_is_not_looked_up_on_the_hub(tmp_path, monkeypatch
     for hub_id in ("meta-llama/Llama-3.1-8B-Instruct", "gpt2", str(random_tiny_model)):
         check_local_model(hub_id)
 
-    data = write_distill_parquet(tmp_path / "data", n=16, model=str(random_tiny_model))
+    data = write_distilled(tmp_path / "data", n=16, model=str(random_tiny_model))
     cfg = build_config({}, ["model=outputs/tiny-model", f"train.data={data}", "train.tracking=[]",
                             f"train.storage_path={tmp_path / 'runs'}"])
     with pytest.raises(UserError, match="model=outputs/tiny-model: no such directory"):
