@@ -1,8 +1,12 @@
 """Experiment tracking: the same curves in TensorBoard, Weights & Biases and MLflow.
 
 ``open_tracker(cfg, run_dir)`` opens every backend named in ``train.tracking`` through the library's own
-integration (``SummaryWriter``, ``wandb.init``, ``MlflowClient``) and logs the resolved config as run
-parameters. Only the process that calls it logs; ``train`` calls it on rank 0.
+integration (``SummaryWriter``, ``wandb.init``, ``MlflowClient``) and logs an allow-list of the config as
+run parameters (``tracked_params``: how the drafter was made, never where data, checkpoints or credentials
+live). Only the process that calls it logs; ``train`` calls it on rank 0.
+
+A tracker is often a shared or hosted service: every string sent to it, and the MLflow URI kept in
+``tracking.json``, goes through ``medusa_ray.redact`` first, so a URL's user, password and query never leave.
 
 Tracking must never cost a training run: a backend that cannot start or that fails later is reported once
 as a warning and skipped. W&B falls back to offline mode (upload later with ``wandb sync``) when its
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from medusa_ray.config import Config
+from medusa_ray.redact import strip_credentials, strip_credentials_in_text
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,43 @@ _MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_RE
 # Consecutive failures after which a backend is dropped for the rest of the run.
 _MAX_FAILURES = 3
 _MLFLOW_PARAM_MAX_CHARS = 6000
+# Config keys logged as run parameters beyond what an export publishes (export.public.public_config): run
+# settings that say nothing about where data, checkpoints or servers are. URLs lose their credentials.
+_TRACKED_SETTINGS: dict[str, tuple[str, ...]] = {
+    "distill": ("endpoint", "format", "limit", "num_replicas", "min_replicas", "max_replicas", "accelerator",
+                "max_in_flight", "concurrency", "shard_size", "max_retries", "retry_backoff_s",
+                "request_timeout_s"),
+    "train": ("tracking", "run_name", "use_gpu", "logits_chunk_tokens", "max_bad_rows", "checkpoint_every",
+              "keep_checkpoints", "max_failures", "log_every", "wandb_project", "mlflow_experiment",
+              "mlflow_tracking_uri"),
+    "export": ("push_to_hub", "private"),
+    "eval": ("accelerator", "compare_untrained"),
+}
+
+
+def tracked_params(cfg: Config) -> dict[str, Any]:
+    """The run parameters ``open_tracker`` logs: the published settings (model as a redacted or Hub id) plus
+    the run settings above, every URL without credentials. Storage paths, data paths and engine kwargs stay
+    out."""
+    from medusa_ray.export.public import public_config
+
+    tree = cfg.to_dict()
+    params = public_config(tree)
+    for section, keys in _TRACKED_SETTINGS.items():
+        values = tree.get(section) or {}
+        params.setdefault(section, {}).update({k: values[k] for k in keys if k in values})
+    return _scrubbed(params)
+
+
+def _scrubbed(value: Any) -> Any:
+    """``value`` with credentials stripped from every URL in every string it holds."""
+    if isinstance(value, str):
+        return strip_credentials_in_text(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(v) for v in value]
+    return value
 
 
 def open_tracker(cfg: Config, run_dir: str | os.PathLike) -> "Tracker":
@@ -70,7 +112,7 @@ def open_tracker(cfg: Config, run_dir: str | os.PathLike) -> "Tracker":
                     state_path, _one_line(exc))
 
     tracker = Tracker(backends)
-    tracker.log_params(cfg.to_dict())
+    tracker.log_params(tracked_params(cfg))
     return tracker
 
 
@@ -89,8 +131,9 @@ class Tracker:
         return [b.name for b in self._backends]
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Run parameters (nested dicts are flattened to ``section.key``). The config is logged at open."""
-        self._fan_out("log_params", params)
+        """Run parameters (nested dicts are flattened to ``section.key``); URLs lose their credentials. The
+        config's allow-list (``tracked_params``) is logged at open."""
+        self._fan_out("log_params", _scrubbed(params))
 
     def log_metrics(self, metrics: dict[str, Any], step: int, prefix: str = "train/") -> None:
         """One step's metrics, keys prefixed (``loss`` -> ``train/loss``; validation's go under ``val/``);
@@ -106,7 +149,7 @@ class Tracker:
 
         Numbers become metrics at the last logged step; anything else (paths, names) is stored as text.
         """
-        items = {_prefixed(k, prefix): float(v) if _is_number(v) else str(v)
+        items = {_prefixed(k, prefix): float(v) if _is_number(v) else strip_credentials_in_text(str(v))
                  for k, v in _flatten(summary).items()}
         self._fan_out("log_summary", items, self._last_step)
 
@@ -263,7 +306,9 @@ class _MLflow(_Backend):
         from mlflow.tracking import MlflowClient
 
         self._client = client = MlflowClient(tracking_uri=uri)
-        run = _mlflow_active_run(client, state.get("run_id")) if state.get("tracking_uri") == uri else None
+        # tracking.json keeps the URI without its password: resume recognises the store by that.
+        public_uri = strip_credentials(uri)
+        run = _mlflow_active_run(client, state.get("run_id")) if state.get("tracking_uri") == public_uri else None
         if run is not None:
             run_id, experiment_id = run.info.run_id, run.info.experiment_id
             client.update_run(run_id, status="RUNNING")
@@ -273,7 +318,7 @@ class _MLflow(_Backend):
                              else client.create_experiment(cfg.train.mlflow_experiment))
             run_id = client.create_run(experiment_id, run_name=cfg.train.run_name).info.run_id
         self._run_id = run_id
-        self.state = {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id}
+        self.state = {"tracking_uri": public_uri, "experiment_id": experiment_id, "run_id": run_id}
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -379,4 +424,4 @@ def _prefixed(key: str, prefix: str) -> str:
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    return f"{type(exc).__name__}: {strip_credentials_in_text(text[0]) if text else ''}"

@@ -158,3 +158,211 @@ def test_asking_for_private_refuses_an_existing_public_repo_before_uploading(hub
     target = prepare_push("org/new-heads", private=True)
     assert hub.repos["org/new-heads"].private and target.repo_id == "org/new-heads"
     assert hub.created[-1].get("visibility") == "private" or hub.created[-1].get("private") is True
+
+
+# ---------------------------------------------------------------- item 7: what the trackers are told
+
+TRACKING_SECRETS = ["secret", "bucket-secret", "u:", "k:"]
+
+
+def _secret_config(*extra):
+    from medusa_ray.config import build_config
+
+    return build_config({}, ["train.mlflow_tracking_uri=http://u:secret@mlflow.example:5000/",
+                             "distill.endpoint=https://k:secret@h.example/v1",
+                             "train.storage_path=s3://bucket-secret/x", "train.data=/home/alice/secret/data",
+                             "distill.output_dir=/home/alice/secret/distill", *extra])
+
+
+def test_tracked_params_hold_hyper_parameters_and_no_secret():
+    from medusa_ray.tracking import tracked_params
+
+    cfg = _secret_config()
+    params = tracked_params(cfg)
+    text = json.dumps(params)
+    for secret in TRACKING_SECRETS + ["alice"]:
+        assert secret not in text, f"{secret!r} reaches the trackers: {text}"
+    assert params["train"]["lr"] == cfg.train.lr and params["train"]["method"] == "medusa"
+    assert params["train"]["tracking"] == cfg.train.tracking and params["model"] == cfg.model
+    assert params["distill"]["endpoint"] == "https://h.example/v1"  # where it distilled, without the key
+    assert "storage_path" not in params["train"] and "output_dir" not in params["distill"]
+
+
+class _FakeMlflowClient:
+    """Enough of ``MlflowClient`` for ``open_tracker``: records the URI it was given and what was logged."""
+
+    instances: list["_FakeMlflowClient"] = []
+
+    def __init__(self, tracking_uri):
+        from types import SimpleNamespace as NS
+
+        self.tracking_uri, self.logged, self._ns = tracking_uri, [], NS
+        _FakeMlflowClient.instances.append(self)
+
+    def get_experiment_by_name(self, name):
+        return None
+
+    def create_experiment(self, name):
+        return "1"
+
+    def create_run(self, experiment_id, run_name=None):
+        return self._ns(info=self._ns(run_id="r1", experiment_id=experiment_id))
+
+    def get_run(self, run_id):
+        return self._ns(info=self._ns(run_id=run_id, experiment_id="1", lifecycle_stage="active"),
+                        data=self._ns(params={}))
+
+    def update_run(self, run_id, status):
+        pass
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self.logged += [(p.key, p.value) for p in params] + [(t.key, t.value) for t in tags]
+
+    def set_terminated(self, run_id, status):
+        pass
+
+
+def test_tracking_json_and_mlflow_params_hold_no_password(tmp_path, monkeypatch):
+    import mlflow.tracking
+
+    from medusa_ray.tracking import open_tracker
+
+    _FakeMlflowClient.instances.clear()
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", _FakeMlflowClient)
+    cfg = _secret_config("train.tracking=[mlflow]")
+    with open_tracker(cfg, tmp_path / "run") as tracker:
+        tracker.log_summary({"output_dir": "s3://AK:secret@bucket/x?sig=secret"}, prefix="distill/")
+    client = _FakeMlflowClient.instances[0]
+    assert client.tracking_uri == cfg.train.mlflow_tracking_uri  # MLflow itself still gets the credentials
+    state = (tmp_path / "run" / "tracking.json").read_text()
+    assert "secret" not in state and json.loads(state)["mlflow"]["tracking_uri"] == "http://mlflow.example:5000/"
+    logged = json.dumps(client.logged)
+    for secret in TRACKING_SECRETS:
+        assert secret not in logged, f"{secret!r} reaches MLflow: {logged}"
+    assert ("train.lr", str(cfg.train.lr)) in client.logged
+
+    # Resuming recognises the same MLflow store although tracking.json only keeps the URI without its password.
+    with open_tracker(cfg, tmp_path / "run"):
+        pass
+    assert json.loads((tmp_path / "run" / "tracking.json").read_text())["mlflow"]["run_id"] == "r1"
+    assert len(_FakeMlflowClient.instances) == 2
+
+
+# ---------------------------------------------------------------- item 7: distill's error text and log lines
+
+ENDPOINT = "https://k:secret@h.example/v1"
+
+
+def test_engine_description_names_the_endpoint_without_its_key():
+    from medusa_ray.distill.engine import Engine
+
+    engine = Engine(model_id="m", mode="chat", in_flight=1, request_timeout_s=1.0, url=ENDPOINT)
+    assert "secret" not in engine.description and "h.example" in engine.description
+
+
+def test_http_error_rows_carry_no_credentials():
+    import asyncio
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from medusa_ray.distill.engine import HttpClient
+
+    class Down(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://k:secret@127.0.0.1:{server.server_address[1]}/v1/chat/completions?api_key=secret"
+
+        async def ask():
+            async with HttpClient(url, {}, "chat", 10.0) as client:
+                return await client.complete({"model": "m", "messages": []})
+
+        reply = asyncio.run(ask())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert reply["error"].startswith("HTTP 503") and "secret" not in reply["error"], reply
+
+
+def test_error_rows_strip_credentials_whatever_the_client_says():
+    import asyncio
+
+    from medusa_ray.config import build_config
+    from medusa_ray.distill.conversation import Distiller
+
+    class Leaky:
+        async def complete(self, body):
+            return {"text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0,
+                    "error": f"ClientResponseError: 401, url=URL('{ENDPOINT}/chat/completions')"}
+
+    cfg = build_config({}, ["distill.max_retries=0", f"distill.endpoint={ENDPOINT}"]).to_dict()
+    distiller = Distiller(cfg, "m", {"kind": "custom"}, in_flight=1, client_factory=lambda spec: Leaky())
+    distiller._slots = asyncio.Semaphore(1)
+    record = {"id": "a", "source": "f:1", "invalid": None, "messages": json.dumps([{"role": "user", "content": "hi"}])}
+    row = asyncio.run(distiller.conversation(record))
+    assert row["outcome"] == "failed" and "secret" not in row["error"] and "h.example" in row["error"]
+
+
+# ---------------------------------------------------------------- item 11: malformed replies are error rows
+
+MALFORMED_REPLIES = [
+    ({"choices": ["x"]}, "chat"),
+    ({"choices": ["x"]}, "completion"),
+    ({"choices": "x"}, "chat"),
+    ({"choices": {"0": {"message": {"content": "hi"}}}}, "chat"),
+    ({"choices": [None]}, "chat"),
+    ({"choices": [{"message": "hi"}]}, "chat"),
+    ({"choices": [{"message": ["hi"]}]}, "chat"),
+    ({"choices": [{"message": {"content": ["a", "b"]}}]}, "chat"),
+    ({"choices": [{"message": {"content": [{"type": "text", "text": "hi"}]}}]}, "chat"),
+    ({"choices": [{"message": {"content": {"text": "hi"}}}]}, "chat"),
+    ({"choices": [{"message": {"content": 5}}]}, "chat"),
+    ({"choices": [{"text": ["x"]}]}, "completion"),
+    ({"choices": [{"text": {"x": 1}}]}, "completion"),
+    ({"choices": [{"message": {"content": "hi"}, "finish_reason": ["stop"]}]}, "chat"),
+    ({"choices": [{"message": {"content": "hi"}}], "usage": "lots"}, "chat"),
+    ({"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": "many"}}, "chat"),
+    ({"choices": [{"message": {"content": "hi"}}], "usage": {"completion_tokens": float("inf")}}, "chat"),
+    ({"choices": [{"message": {"content": "hi"}}], "usage": {"completion_tokens": float("nan")}}, "chat"),
+    ({"choices": [{"message": {"content": "hi"}}], "usage": {"completion_tokens": -3}}, "chat"),
+    ({"choices": [{"message": {"content": "hi"}}], "usage": {"completion_tokens": [1]}}, "chat"),
+    ("not a dict", "chat"),
+    (None, "chat"),
+    ([{"choices": []}], "chat"),
+    ({"error": ["boom"]}, "chat"),
+    ({"error": {"message": {"nested": "x\ny"}}}, "chat"),
+    ({"object": "error", "message": None}, "chat"),
+    ({"error": "multi\nline\nerror"}, "chat"),
+]
+
+
+@pytest.mark.parametrize("response,mode", MALFORMED_REPLIES)
+def test_malformed_replies_become_failed_rows(response, mode):
+    from medusa_ray.distill.engine import parse_reply
+
+    out = parse_reply(response, mode)
+    assert set(out) == {"text", "finish_reason", "prompt_tokens", "completion_tokens", "error"}
+    assert out["error"] and isinstance(out["error"], str) and "\n" not in out["error"], out
+    assert isinstance(out["text"], str) and isinstance(out["finish_reason"], str)
+    assert isinstance(out["prompt_tokens"], int) and isinstance(out["completion_tokens"], int)
+
+
+def test_well_formed_replies_still_parse():
+    from medusa_ray.distill.engine import parse_reply
+
+    chat = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    assert parse_reply(chat, "chat") == {"text": "hi", "finish_reason": "stop", "prompt_tokens": 3,
+                                         "completion_tokens": 1, "error": ""}
+    # A reply with no content (e.g. only tool calls) is an empty reply, not a failure; usage may be absent.
+    assert parse_reply({"choices": [{"message": {"content": None}, "finish_reason": None}]}, "chat") == {
+        "text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": ""}
+    assert parse_reply({"choices": [{"text": "x", "finish_reason": "length"}], "usage": None},
+                       "completion")["text"] == "x"

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from medusa_ray.config import Config
 from medusa_ray.distill.output import OUTCOME_SCHEMA, ROW
+from medusa_ray.redact import strip_credentials_in_text
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,9 @@ class Distiller:
 
     def _finish(self, outcome: dict[str, Any], kind: str, error: str | None, round_: int | None,
                 attempts: int) -> dict[str, Any]:
-        outcome.update(outcome=kind, error=error, round=round_, attempts=attempts)
+        # Error rows are read by whoever reads the output: no URL in them keeps its credentials, whatever the
+        # client (or the server it quotes) put there.
+        outcome.update(outcome=kind, error=strip_credentials_in_text(error), round=round_, attempts=attempts)
         self._done += 1
         self._report()
         return outcome

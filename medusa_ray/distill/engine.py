@@ -26,6 +26,7 @@ from medusa_ray.cluster import verbose
 from medusa_ray.config import Config
 from medusa_ray.paths import check_local_model
 from medusa_ray.errors import UserError
+from medusa_ray.redact import strip_credentials, strip_credentials_in_text
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class Engine:
     @property
     def description(self) -> str:
         if self.url:
-            return f"endpoint {self.url}"
+            return f"endpoint {strip_credentials(self.url)}"
         return f"Serve app {self.app_name}" + ("" if self.started else " (already running, reused)")
 
     def client_spec(self) -> dict[str, Any]:
@@ -81,7 +82,11 @@ class Engine:
 
 
 def failed_reply(error: str) -> dict[str, Any]:
-    return {"text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": error}
+    """A reply that failed: ``error`` becomes one line, without the credentials of any URL in it (the endpoint
+    URL may carry a key; error rows and the log are read by more people than the key's owner)."""
+    lines = str(error).strip().splitlines()
+    line = strip_credentials_in_text(lines[0].strip() if lines else "") or "unknown error"
+    return {"text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": line}
 
 
 def make_client(spec: dict[str, Any]):
@@ -170,29 +175,74 @@ class HttpClient:
         return parse_reply(data, self.mode)
 
 
-def parse_reply(response: dict[str, Any], mode: str) -> dict[str, Any]:
-    """An OpenAI chat/completions response (or error response) -> the few fields distill keeps."""
-    out = {"text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": ""}
+def parse_reply(response: Any, mode: str) -> dict[str, Any]:
+    """An OpenAI chat/completions response (or error response) -> the few fields distill keeps.
+
+    Never raises: a server may send anything, and one bad reply must not abort the run. A reply that is not the
+    shape OpenAI's API documents (a choice that is not an object, list-valued ``content``, a token count that
+    is not a count) comes back as a failed reply with a one-line reason, which distill retries and records.
+    """
+    try:
+        return _parse_reply(response, mode)
+    except _Malformed as exc:
+        return failed_reply(f"malformed reply: {exc}")
+    except Exception as exc:  # noqa: BLE001 - whatever else a reply can do to us is a failed reply too
+        return failed_reply(f"malformed reply ({type(exc).__name__}: {exc}): {_excerpt(response)}")
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _excerpt(value: Any) -> str:
+    # Credentials out before cutting: a cut could leave "https://user:pass" without the '@' that marks it.
+    return (strip_credentials_in_text(repr(value)) or "")[:200]
+
+
+def _parse_reply(response: Any, mode: str) -> dict[str, Any]:
+    if not isinstance(response, dict):
+        raise _Malformed(f"not a JSON object: {_excerpt(response)}")
     error = response.get("error")
     if error or response.get("object") == "error":
-        detail = error if isinstance(error, dict) else response
-        out["error"] = str(detail.get("message") or detail)
-        return out
-    choices = response.get("choices") or []
+        detail = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
+        detail = detail if detail is not None else response.get("message")
+        text = detail if isinstance(detail, str) and detail.strip() else _excerpt(error or response)
+        return failed_reply(text)
+    choices = response.get("choices")
     if not choices:
-        out["error"] = f"response has no choices: {str(response)[:200]}"
-        return out
+        return failed_reply(f"response has no choices: {_excerpt(response)}")
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise _Malformed(f"choices is not a list of objects: {_excerpt(choices)}")
     choice = choices[0]
     if mode == "chat":
-        text = (choice.get("message") or {}).get("content")
+        message = choice.get("message")
+        if message is not None and not isinstance(message, dict):
+            raise _Malformed(f"choices[0].message is not an object: {_excerpt(message)}")
+        text, field = (message or {}).get("content"), "choices[0].message.content"
     else:
-        text = choice.get("text")
-    out["text"] = text or ""
-    out["finish_reason"] = choice.get("finish_reason") or ""
-    usage = response.get("usage") or {}
-    out["prompt_tokens"] = int(usage.get("prompt_tokens") or 0)
-    out["completion_tokens"] = int(usage.get("completion_tokens") or 0)
-    return out
+        text, field = choice.get("text"), "choices[0].text"
+    if text is not None and not isinstance(text, str):
+        raise _Malformed(f"{field} is not a string: {_excerpt(text)}")
+    finish_reason = choice.get("finish_reason")
+    if finish_reason is not None and not isinstance(finish_reason, str):
+        raise _Malformed(f"choices[0].finish_reason is not a string: {_excerpt(finish_reason)}")
+    usage = response.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        raise _Malformed(f"usage is not an object: {_excerpt(usage)}")
+    usage = usage or {}
+    return {"text": text or "", "finish_reason": finish_reason or "",
+            "prompt_tokens": _count(usage, "prompt_tokens"), "completion_tokens": _count(usage, "completion_tokens"),
+            "error": ""}
+
+
+def _count(usage: dict[str, Any], key: str) -> int:
+    value = usage.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**63 \
+            or value != int(value):
+        raise _Malformed(f"usage.{key} is not a token count: {_excerpt(value)}")
+    return int(value)
 
 
 def _deployment_name(app_name: str) -> str:
@@ -436,11 +486,13 @@ def _endpoint_model(base_url: str, headers: dict[str, str], wanted: str) -> str:
         with urllib.request.urlopen(request, timeout=30) as resp:
             models = [m.get("id") for m in json.load(resp).get("data", [])]
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise UserError(f"distill.endpoint {base_url} is not reachable: {exc}") from None
+        raise UserError(f"distill.endpoint {strip_credentials(base_url)} is not reachable: "
+                        f"{strip_credentials_in_text(str(exc))}") from None
     if wanted in models or not models:
         return wanted
     # Rows are labelled with the model that wrote them and training checks that label: never guess.
-    raise UserError(f"distill.endpoint {base_url} serves {', '.join(map(str, models))}, not model={wanted}; "
+    raise UserError(f"distill.endpoint {strip_credentials(base_url)} serves {', '.join(map(str, models))}, "
+                    f"not model={wanted}; "
                     "set model to the served name of the model to distill")
 
 
