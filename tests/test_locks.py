@@ -94,3 +94,32 @@ def test_every_stage_takes_its_lock_before_writing(tmp_path, random_tiny_model):
     with another_run(tmp_path / "export", "export"), pytest.raises(UserError, match="in use by export"):
         export.run(cfg, checkpoint=str(tmp_path / "some-checkpoint"))
     assert not (tmp_path / "export").exists()
+
+
+def test_two_starters_taking_over_one_stale_lock_cannot_both_hold(tmp_path, monkeypatch):
+    """A reads the stale holder; before A acts on it, B reads the same stale holder, takes it over and holds.
+    A must then see B's fresh lock and be refused, not delete it and hold too."""
+    from medusa_ray import locks
+
+    out = tmp_path / "distilled"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists, on this host: a stale holder
+    lock_path(out).write_text(json.dumps({"what": "distill", "host": socket.gethostname(), "pid": dead.pid,
+                                          "started": 0, "nonce": "stale"}))
+    real_read = locks._read
+    runs = contextlib.ExitStack()
+    others = []
+
+    def read_then_let_b_in(path):
+        holder = real_read(path)
+        if not others:  # only between A's first read and whatever A does with it
+            others.append(runs.enter_context(another_run(out, "distill")))
+        return holder
+
+    monkeypatch.setattr(locks, "_read", read_then_let_b_in)
+    with runs:
+        with pytest.raises(UserError, match=rf"in use by distill \(pid {others[0].pid if others else ''}"):
+            with hold(out, "distill"):
+                pytest.fail("A and B both hold the lock")
+        assert others, "the hook never ran"
+        assert json.loads(lock_path(out).read_text())["pid"] == others[0].pid  # B's lock is intact
