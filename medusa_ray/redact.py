@@ -8,12 +8,25 @@ host and path. Any ``@`` after ``://`` that is not inside the parsed netloc make
 nothing but its scheme is kept. ``strip_credentials_in_text`` does the same to every URL inside free text (an
 exception message, an error row).
 
+``public_location(location)`` goes further, for what is published (an export's card and marker) or sent to a
+tracker: an http(s) URL becomes its scheme and public host only; any other URL (``s3://``, ``gs://``,
+``hdfs://``, ``file://``: the first component is a bucket or an internal host), one whose host is an IP
+address or an internal name, and an ambiguous one become the scheme and a stable id (``source_id``, a hash
+of the location without its credentials). A local path keeps its last two components, less any that name a
+user (the directory under ``/home`` or ``/Users``, ``~user``, the login name) or hold an IP address; a Hub id
+(``org/name``) is kept.
+
 Ground level: imports nothing from medusa_ray, so config, logging, export and distill can all use it.
 """
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import ipaddress
+import os
 import re
+from pathlib import PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
 REDACTED = "[redacted]"
@@ -60,3 +73,84 @@ def strip_credentials_in_text(text: str | None) -> str | None:
     if not text or "://" not in text:
         return text
     return _URL_IN_TEXT.sub(lambda m: strip_credentials(m.group(0)), text)
+
+
+# Schemes whose host is a public web server worth naming; every other scheme's "host" is a bucket, a
+# container or a cluster-internal server.
+_WEB_SCHEMES = {"http", "https"}
+_INTERNAL_SUFFIXES = (".internal", ".local", ".localdomain", ".lan", ".corp", ".home", ".intranet", ".svc",
+                      ".cluster.local", ".consul")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_IPV4 = re.compile(r"(?<![0-9])[0-9]{1,3}(\.[0-9]{1,3}){3}(?![0-9])")
+# Shared service accounts name nobody; a path component equal to one of these is kept.
+_GENERIC_USERS = {"root", "ray", "ubuntu", "user", "users", "admin", "ec2-user", "nobody", "jovyan", "home"}
+
+
+def public_location(location: str | None) -> str | None:
+    """A location safe to publish: an http(s) URL as scheme and public host; any other URL, or one with an
+    IP or internal host, as scheme and stable id; a local path as its last two components without user names
+    or IPs; a Hub id (``org/name``) unchanged."""
+    if not location:
+        return location
+    text = str(location).strip()
+    if is_url(text):
+        scheme, netloc, _ = split_url(text)
+        host = _public_host(netloc) if scheme in _WEB_SCHEMES and netloc is not None else None
+        return f"{scheme}://{host}" if host else f"{scheme}:{_redacted(text)}"
+    if _HUB_ID.fullmatch(text) and not text.startswith("."):
+        return text
+    if "@" in text or ":" in text or "\\" in text:  # user@host:/path, C:\\Users\\..., anything else odd
+        return _redacted(text)
+    parts = [p for p in PurePosixPath(text).parts if p not in ("/", ".", "..")]
+    private = _private_components(parts)
+    kept = [p for i, p in enumerate(parts) if i >= len(parts) - 2 and i not in private]
+    return str(PurePosixPath(*kept)) if kept else _redacted(text)
+
+
+def _redacted(location: str) -> str:
+    return f"redacted-{source_id(location)}"
+
+
+def _public_host(netloc: str) -> str | None:
+    """The host of ``netloc`` when it is a public DNS name; None for IPs, internal names and junk."""
+    host = netloc.rpartition(":")[0] if netloc.rpartition(":")[2].isdigit() else netloc
+    host = host.lower().rstrip(".")
+    if host.startswith("["):
+        return None  # an IPv6 literal
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if (not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+", host)
+            or host.endswith(_INTERNAL_SUFFIXES) or host.rsplit(".", 1)[-1].isdigit()):
+        return None
+    return host
+
+
+def _user_names() -> set[str]:
+    names = {os.environ.get(k, "") for k in ("USER", "LOGNAME", "USERNAME", "SUDO_USER")}
+    try:
+        names.add(getpass.getuser())
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        pass
+    return {n.lower() for n in names if n} - _GENERIC_USERS
+
+
+def _private_components(parts: list[str]) -> set[int]:
+    """Indexes of the path components that name a user or hold an IP address."""
+    users = _user_names()
+    private = set()
+    for i, part in enumerate(parts):
+        lower = part.lower()
+        tokens = set(re.split(r"[-_.+ ]+", lower))
+        if (part.startswith("~") or _IPV4.search(part) or (i and parts[i - 1].lower() in ("home", "users"))
+                or tokens & users or lower in users):
+            private.add(i)
+    return private
+
+
+def source_id(location: str) -> str:
+    """A stable fingerprint of a full location, to recognise the same checkpoint without publishing its path.
+    Taken over the location without its credentials, so that a password never goes into a published hash."""
+    return hashlib.sha256(strip_credentials(location).encode()).hexdigest()[:16]

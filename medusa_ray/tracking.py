@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from medusa_ray.config import Config
-from medusa_ray.redact import strip_credentials, strip_credentials_in_text
+from medusa_ray.redact import public_location, strip_credentials, strip_credentials_in_text
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +41,33 @@ _MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_RE
 # Consecutive failures after which a backend is dropped for the rest of the run.
 _MAX_FAILURES = 3
 _MLFLOW_PARAM_MAX_CHARS = 6000
-# Config keys logged as run parameters beyond what an export publishes (export.public.public_config): run
-# settings that say nothing about where data, checkpoints or servers are. URLs lose their credentials.
+# Config keys logged as run parameters: how the drafter is made and how the run is set up, nothing about where
+# data, checkpoints or servers are (no storage or data paths, no engine kwargs, which may hold anything).
+# ``model`` goes as a public location (a Hub id, or a path's last components), URLs without credentials.
 _TRACKED_SETTINGS: dict[str, tuple[str, ...]] = {
-    "distill": ("endpoint", "format", "limit", "num_replicas", "min_replicas", "max_replicas", "accelerator",
-                "max_in_flight", "concurrency", "shard_size", "max_retries", "retry_backoff_s",
-                "request_timeout_s"),
-    "train": ("tracking", "run_name", "use_gpu", "logits_chunk_tokens", "max_bad_rows", "checkpoint_every",
-              "keep_checkpoints", "max_failures", "log_every", "wandb_project", "mlflow_experiment",
-              "mlflow_tracking_uri"),
+    "distill": ("mode", "temperature", "top_p", "max_tokens", "seed", "endpoint", "format", "limit",
+                "num_replicas", "min_replicas", "max_replicas", "accelerator", "max_in_flight", "concurrency",
+                "shard_size", "max_retries", "retry_backoff_s", "request_timeout_s"),
+    "train": ("method", "medusa_num_heads", "medusa_num_layers", "share_lm_head", "eagle3_ttt_steps",
+              "eagle3_draft_vocab_size", "eagle3_layers", "head_decay", "topk", "max_length", "logits_chunk_tokens",
+              "num_workers", "use_gpu", "zero_stage", "batch_size", "grad_accum", "lr", "weight_decay",
+              "warmup_ratio", "warmup_steps", "max_steps", "epochs", "max_epochs", "min_steps", "step_budget",
+              "patience", "val_fraction", "val_min_rows", "val_max_rows", "val_every", "max_bad_rows", "seed",
+              "run_name", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "tracking",
+              "wandb_project", "mlflow_experiment", "mlflow_tracking_uri"),
     "export": ("push_to_hub", "private"),
-    "eval": ("accelerator", "compare_untrained"),
+    "eval": ("num_prompts", "max_tokens", "num_speculative_tokens", "accelerator", "compare_untrained"),
 }
 
 
 def tracked_params(cfg: Config) -> dict[str, Any]:
-    """The run parameters ``open_tracker`` logs: the published settings (model as a redacted or Hub id) plus
-    the run settings above, every URL without credentials. Storage paths, data paths and engine kwargs stay
-    out."""
-    from medusa_ray.export.public import public_config
-
+    """The run parameters ``open_tracker`` logs: the allow-list above, ``model`` as a public location, every
+    URL without credentials."""
     tree = cfg.to_dict()
-    params = public_config(tree)
+    params: dict[str, Any] = {"model": public_location(tree.get("model"))}
     for section, keys in _TRACKED_SETTINGS.items():
         values = tree.get(section) or {}
-        params.setdefault(section, {}).update({k: values[k] for k in keys if k in values})
+        params[section] = {k: values[k] for k in keys if k in values}
     return _scrubbed(params)
 
 
