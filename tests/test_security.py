@@ -51,7 +51,7 @@ def carol(monkeypatch):
 
 @pytest.mark.parametrize("location,secrets", HOSTILE_LOCATIONS)
 def test_redact_publishes_no_secret(location, secrets, carol):
-    from medusa_ray.export.public import redact
+    from medusa_ray.redact import public_location as redact
 
     public = redact(location)
     assert public, location
@@ -72,7 +72,7 @@ def test_public_meta_publishes_no_secret(location, secrets, carol):
 
 
 def test_redact_keeps_what_is_public():
-    from medusa_ray.export.public import redact
+    from medusa_ray.redact import public_location as redact
 
     assert redact("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
     assert redact("gpt2") == "gpt2"
@@ -86,7 +86,7 @@ def test_redact_keeps_what_is_public():
 
 
 def test_source_id_never_hashes_a_password():
-    from medusa_ray.export.public import source_id
+    from medusa_ray.redact import source_id
 
     assert source_id("s3://k:one@bucket/x") == source_id("s3://k:two@bucket/x") == source_id("s3://bucket/x")
     assert source_id("s3://bucket/x") != source_id("s3://bucket/y")
@@ -366,3 +366,142 @@ def test_well_formed_replies_still_parse():
         "text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": ""}
     assert parse_reply({"choices": [{"text": "x", "finish_reason": "length"}], "usage": None},
                        "completion")["text"] == "x"
+
+
+# ---------------------------------------------------------------- item 9: the shared Serve app's leases
+
+class FakeKV:
+    """Ray's GCS internal KV as ``ray.experimental.internal_kv`` exposes it, in memory and thread-safe;
+    ``_internal_kv_put`` returns whether the key already existed, as Ray's does."""
+
+    def __init__(self):
+        self.data: dict[tuple, bytes] = {}
+        self.lock = threading.Lock()
+        self.after_list = None  # called once, after the next listing was taken and before it is returned
+
+    @staticmethod
+    def _b(x):
+        return x.encode() if isinstance(x, str) else x
+
+    def put(self, key, value, overwrite=True, *, namespace=None):
+        with self.lock:
+            k = (namespace, self._b(key))
+            exists = k in self.data
+            if overwrite or not exists:
+                self.data[k] = self._b(value)
+            return exists
+
+    def get(self, key, *, namespace=None):
+        with self.lock:
+            return self.data.get((namespace, self._b(key)))
+
+    def delete(self, key, *, del_by_prefix=False, namespace=None):
+        with self.lock:
+            return int(self.data.pop((namespace, self._b(key)), None) is not None)
+
+    def list(self, prefix, *, namespace=None):
+        with self.lock:
+            keys = [k for ns, k in self.data if ns == namespace and k.startswith(self._b(prefix))]
+        hook, self.after_list = self.after_list, None
+        if hook:
+            hook()
+        return keys
+
+
+@pytest.fixture
+def serve_fakes(monkeypatch):
+    """No cluster: a fake KV, one live job, and a fake Serve whose apps are a set."""
+    from types import SimpleNamespace
+
+    from ray import serve
+    from ray.experimental import internal_kv
+
+    from medusa_ray.distill import engine
+
+    kv = FakeKV()
+    apps: set[str] = set()
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", kv.put)
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", kv.get)
+    monkeypatch.setattr(internal_kv, "_internal_kv_del", kv.delete)
+    monkeypatch.setattr(internal_kv, "_internal_kv_list", kv.list)
+    monkeypatch.setattr(engine, "_job_id", lambda: "01000000")
+    monkeypatch.setattr(engine, "_live_jobs", lambda: {"01000000"})
+    monkeypatch.setattr(engine, "_app_running", lambda name: name in apps)
+    monkeypatch.setattr(engine, "_teardown", lambda name, serve_was_up: apps.discard(name))
+    monkeypatch.setattr(engine, "_serve_controller_running", lambda: True)
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={a: None for a in apps}))
+    return SimpleNamespace(kv=kv, apps=apps)
+
+
+def test_a_leaving_run_never_deletes_an_app_a_joining_run_found_running(serve_fakes):
+    """The leaver lists the leases (none but its own); the joiner then adds its lease and finds the app running;
+    the leaver deletes the app. With the claim, the joiner waits and starts the app again instead."""
+    from medusa_ray.distill.engine import _leases, shared_app
+
+    name, apps = "medusa-distill-race", serve_fakes.apps
+    starts, seen = [], []
+    entered, leaver_done = threading.Event(), threading.Event()
+
+    def start(who):
+        def go():
+            starts.append(who)
+            apps.add(name)
+        return go
+
+    def joiner():
+        with shared_app(name, start("joiner")):
+            entered.set()
+            leaver_done.wait(10)
+            seen.append(name in apps)  # is the app this run uses still there?
+
+    thread = threading.Thread(target=joiner)
+
+    def let_the_joiner_in():
+        thread.start()
+        entered.wait(1.0)  # on a correct implementation the joiner is blocked until the leaver is done
+
+    with shared_app(name, start("leaver")):
+        serve_fakes.kv.after_list = let_the_joiner_in  # the leaver's listing of leases
+    leaver_done.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert seen == [True], "the leaver deleted the app while the joiner was using it"
+    assert starts == ["leaver", "joiner"] and name not in apps
+    assert _leases(name) == [] and all(b"#" not in k for _, k in serve_fakes.kv.data), serve_fakes.kv.data
+
+
+def test_two_runs_starting_together_start_the_app_once(serve_fakes, monkeypatch):
+    from medusa_ray.distill import engine
+    from medusa_ray.distill.engine import shared_app
+
+    name, apps = "medusa-distill-twins", serve_fakes.apps
+    starts = []
+    a_starting, b_looked, b_in = threading.Event(), threading.Event(), threading.Event()
+    running = engine._app_running
+
+    def app_running(n):
+        if threading.current_thread().name == "B":
+            b_looked.set()
+        return running(n)
+
+    monkeypatch.setattr(engine, "_app_running", app_running)
+
+    def start_a():
+        starts.append("A")
+        a_starting.set()
+        b_looked.wait(1.0)  # B looks meanwhile (on a correct implementation it cannot: it waits for A)
+        apps.add(name)
+
+    def b():
+        a_starting.wait(10)
+        with shared_app(name, lambda: starts.append("B") or apps.add(name)):
+            b_in.set()
+
+    thread = threading.Thread(target=b, name="B")
+    thread.start()
+    with shared_app(name, start_a):
+        b_in.wait(10)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert starts == ["A"], f"serve.run called by {starts}"
+    assert name not in apps

@@ -401,6 +401,119 @@ def serve_deployment(cfg: Config) -> Iterator[str]:
 # Every run using a Serve app holds a lease on it in the GCS key-value store; the app is deleted by the
 # last run to leave, whoever started it. Leases of Ray jobs that died (a killed driver) do not count.
 _LEASES = "medusa-ray-serve-leases"
+_CLAIM_POLL_S = 0.2
+
+
+@contextmanager
+def shared_app(name: str, start: Callable[[], None]) -> Iterator[None]:
+    """Use the Serve app ``name`` for the ``with`` block, calling ``start()`` first unless it is running.
+
+    The app outlives the block while another live run still holds a lease on it; the last one out deletes it,
+    and shuts Serve down too if Serve was not running before the app was started.
+
+    Check-and-start (add my lease, is the app running? else start it) and check-and-delete (drop my lease, any
+    other live lease? else delete the app) each run under the app's claim, a key only one run at a time can
+    create (put-if-absent in the GCS KV store, ``_app_claim``). Without it the two interleave: a leaver lists
+    no other lease, a joiner adds its lease and finds the app running, and the leaver deletes the app under
+    the joiner; and two runs starting together both call ``serve.run``. A claim rather than one app per run,
+    because sharing a running identical app is what saves overlapping runs minutes of vLLM start-up and a
+    second copy of the model in GPU memory. A run waiting for the claim waits at most for one start or delete.
+    """
+    lease = f"{name}/{_job_id()}/{uuid.uuid4().hex}".encode()
+    serve_was_up = True
+    try:
+        with _app_claim(name):
+            _kv_put(lease, b"")
+            if _app_running(name):
+                log.info("sharing running Serve app %s", name)
+            else:
+                from ray import serve
+
+                serve_was_up = bool(serve.status().applications) or _serve_controller_running()
+                start()
+        yield
+    finally:
+        with _app_claim(name):
+            _kv_del(lease)
+            live = _live_jobs()
+            others = []
+            for key in _leases(name):
+                if key.decode().split("/")[1] in live:
+                    others.append(key)
+                else:
+                    _kv_del(key)  # left behind by a killed run
+            if others:
+                log.info("Serve app %s stays up: %d other run(s) use it", name, len(others))
+            else:
+                _teardown(name, serve_was_up)
+
+
+@contextmanager
+def _app_claim(name: str) -> Iterator[None]:
+    """The exclusive right to start or delete the app ``name``: the key ``<name>#claim``, created with
+    put-if-absent and holding ``<job id>/<nonce>``. A claim whose job is dead (a driver killed while starting
+    the app) is removed, by the one run that creates ``<name>#claim/takeover/<value>`` first and still finds
+    that value in the claim: no run ever removes a live claim."""
+    key = f"{name}#claim".encode()
+    mine = f"{_job_id()}/{uuid.uuid4().hex}".encode()
+    waiting = False
+    while not _kv_put_if_absent(key, mine):
+        holder = _kv_get(key)
+        if holder is None:
+            continue  # released meanwhile
+        if holder.decode(errors="replace").split("/")[0] not in _live_jobs():
+            marker = key + b"/takeover/" + holder
+            if _kv_put_if_absent(marker, b""):
+                try:
+                    if _kv_get(key) == holder:
+                        _kv_del(key)
+                finally:
+                    _kv_del(marker)
+            continue
+        if not waiting:
+            log.info("waiting for another run to finish starting or deleting Serve app %s", name)
+            waiting = True
+        time.sleep(_CLAIM_POLL_S)
+    try:
+        yield
+    finally:
+        if _kv_get(key) == mine:
+            _kv_del(key)
+
+
+# Ray internals: the GCS key-value store, the job table and Serve's controller. Every private Ray call of the
+# lease protocol is in the functions below (to move into medusa_ray.compat together).
+
+def _kv_put_if_absent(key: bytes, value: bytes) -> bool:
+    """Write ``key`` unless it exists; True when this call wrote it. (Ray's ``_internal_kv_put`` returns
+    whether the key already existed, i.e. the opposite.)"""
+    from ray.experimental import internal_kv
+
+    return not internal_kv._internal_kv_put(key, value, overwrite=False, namespace=_LEASES)
+
+
+def _kv_put(key: bytes, value: bytes) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(key, value, namespace=_LEASES)
+
+
+def _kv_get(key: bytes) -> bytes | None:
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_get(key, namespace=_LEASES)
+
+
+def _kv_del(key: bytes) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(key, namespace=_LEASES)
+
+
+def _leases(name: str) -> list[bytes]:
+    from ray.experimental import internal_kv
+
+    return list(internal_kv._internal_kv_list(f"{name}/".encode(), namespace=_LEASES))
 
 
 def _job_id() -> str:
@@ -414,47 +527,6 @@ def _live_jobs() -> set[str]:
 
     gcs = ray._private.worker.global_worker.gcs_client
     return {job.hex() for job, info in gcs.get_all_job_info().items() if not info.is_dead}
-
-
-def _leases(name: str) -> list[bytes]:
-    from ray.experimental import internal_kv
-
-    return list(internal_kv._internal_kv_list(f"{name}/".encode(), namespace=_LEASES))
-
-
-@contextmanager
-def shared_app(name: str, start: Callable[[], None]) -> Iterator[None]:
-    """Use the Serve app ``name`` for the ``with`` block, calling ``start()`` first unless it is running.
-
-    The app outlives the block while another live run still holds a lease on it; the last one out deletes it,
-    and shuts Serve down too if Serve was not running before the app was started.
-    """
-    from ray import serve
-    from ray.experimental import internal_kv
-
-    lease = f"{name}/{_job_id()}/{uuid.uuid4().hex}".encode()
-    internal_kv._internal_kv_put(lease, b"", namespace=_LEASES)  # before looking: a leaver then sees us
-    serve_was_up = True
-    try:
-        if _app_running(name):
-            log.info("sharing running Serve app %s", name)
-        else:
-            serve_was_up = bool(serve.status().applications) or _serve_controller_running()
-            start()
-        yield
-    finally:
-        internal_kv._internal_kv_del(lease, namespace=_LEASES)
-        live = _live_jobs()
-        others = []
-        for key in _leases(name):
-            if key.decode().split("/")[1] in live:
-                others.append(key)
-            else:
-                internal_kv._internal_kv_del(key, namespace=_LEASES)  # left behind by a killed run
-        if others:
-            log.info("Serve app %s stays up: %d other run(s) use it", name, len(others))
-        else:
-            _teardown(name, serve_was_up)
 
 
 def _serve_controller_running() -> bool:
