@@ -87,23 +87,21 @@ def main() -> int:
     session = LocalSession(device, out / "checkpoints")
     plan = make_plan([str(p) for p in sorted(data.glob("*.parquet"))], 0, cfg.train.val_fraction,
                      cfg.train.val_min_rows, cfg.train.val_max_rows)
-    vocab = None
-    if args.method == "eagle3":  # in a Ray task in `train`; the same function, here in-process
-        from medusa_ray.train.drafters import eagle3_vocab
+    from medusa_ray.train.worker import prepare_drafter
 
-        vocab = eagle3_vocab(cfg.to_dict(), plan.to_dict())
+    prepared = prepare_drafter(cfg.to_dict(), plan.to_dict())  # in a Ray task in `train`; here in-process
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = run_loop(cfg, session, plan, plan_schedule(cfg.train, plan.train_rows), str(out / "run"), vocab=vocab)
+    result = run_loop(cfg, session, plan, plan_schedule(cfg.train, plan.train_rows), str(out / "run"), prepared=prepared)
     train_s = time.perf_counter() - t0
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     dist.destroy_process_group()
 
     from medusa_ray import evaluate, export
 
-    export_dir = export.run(cfg, checkpoint=str(session.checkpoints[-1]))
+    export_dir = export.run(cfg, checkpoint=str(session.checkpoints[-1])).path
     torch.cuda.empty_cache()
-    results = evaluate.run(cfg, medusa_dir=str(export_dir), compare_untrained=True)
+    results = evaluate.run(cfg, draft_dir=str(export_dir), compare_untrained=True)
     untrained = results.get("compared", {}).get("untrained", {})
     print(json.dumps({
         "device": torch.cuda.get_device_name(0),

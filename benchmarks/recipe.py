@@ -136,7 +136,7 @@ def main() -> None:
     recipe_train = train.run(recipe_cfg)
     recipe_time = time.perf_counter() - t0
     recipe_export = export.run(recipe_cfg, checkpoint=recipe_train.checkpoint)
-    recipe_eval = evaluate.run(recipe_cfg, medusa_dir=str(recipe_export))
+    recipe_eval = evaluate.run(recipe_cfg, draft_dir=str(recipe_export.path))
 
     rows = [
         ("untrained heads", summary.acceptance_length_untrained, None, None),

@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medusa_ray.cluster import set_verbose
+from pathlib import Path
+
+from medusa_ray import logs
 from medusa_ray.config import Config, load_config
 from medusa_ray.errors import UserError
+from medusa_ray.paths import is_remote
+from medusa_ray.writable import check_writable
 
 # flag dest -> dotted config key; a flag given on the command line becomes an override.
 _FLAG_KEYS: dict[str, dict[str, str]] = {
@@ -50,7 +54,8 @@ def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medusa-ray",
-        description="Train Medusa heads for a Hugging Face causal LM on a Ray cluster.",
+        description="Train speculative-decoding drafters (Medusa heads, EAGLE-3) for a Hugging Face causal LM on a "
+                    "Ray cluster.",
     )
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="full logs on the console (they always go to the log file)")
@@ -67,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="prompts file or directory (= distill.input)")
     p.add_argument("--output", help="output directory (= distill.output_dir)")
 
-    p = _stage_parser(sub, "train", "train Medusa heads on distilled Parquet with Ray Train + DeepSpeed")
+    p = _stage_parser(sub, "train", "train a drafter on distilled Parquet with Ray Train + DeepSpeed")
     p.add_argument("--data", help="distilled Parquet (= train.data)")
 
-    p = _stage_parser(sub, "export", "write a Medusa directory that vLLM and TGI load; optionally push it")
+    p = _stage_parser(sub, "export", "write a drafter directory that vLLM (and, for Medusa, TGI) loads; "
+                      "optionally push it")
     p.add_argument("--checkpoint", help="Ray Train checkpoint dir (default: latest of train.run_name)")
     p.add_argument("--output", help="= export.output_dir")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="= export.push_to_hub")
@@ -78,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing export")
 
     p = _stage_parser(sub, "eval", "measure acceptance length and speed-up with vLLM speculative decoding")
-    p.add_argument("--model", help="base model (= model)")
-    p.add_argument("--medusa", help="exported Medusa directory (default: export.output_dir)")
+    p.add_argument("--model", help="base model (= model; default: the base the draft was exported for)")
+    p.add_argument("--draft", metavar="DIR", help="exported drafter directory (default: export.output_dir)")
+    p.add_argument("--medusa", dest="medusa", metavar="DIR", help=argparse.SUPPRESS)  # 0.1's name for --draft
     p.add_argument("--prompts", help="= eval.prompts")
     p.add_argument("--num-prompts", type=int, help="= eval.num_prompts")
     p.add_argument("--max-tokens", type=int, help="= eval.max_tokens")
@@ -102,34 +109,74 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def run_stage(args: argparse.Namespace, cfg: Config) -> None:
+def draft_dir(args: argparse.Namespace) -> str | None:
+    """``eval --draft``; ``--medusa``, its name in medusa-ray 0.1, still works in 0.2, with a deprecation line."""
+    if getattr(args, "medusa", None):
+        print("medusa-ray eval: --medusa is deprecated and will be removed after 0.2; use --draft", file=sys.stderr)
+        if getattr(args, "draft", None) is None:
+            return args.medusa
+    return getattr(args, "draft", None)
+
+
+def log_location(cfg: Config, command: str, draft: str | None = None) -> tuple[str, str]:
+    """Where a command's output goes, and its config key: the full log goes to ``logs/`` there (beside an
+    export or an eval file, never inside the export, which is published)."""
+    if command == "train":
+        return cfg.train.storage_path, "train.storage_path"
+    if command in ("distill", "pipeline"):
+        return cfg.distill.output_dir, "distill.output_dir"
+    if command == "export":
+        return str(Path(cfg.export.output_dir).expanduser().parent), "export.output_dir"
+    if cfg.eval.output_json:
+        return str(Path(cfg.eval.output_json).expanduser().parent), "eval.output_json"
+    return str(Path(draft or cfg.export.output_dir).expanduser().parent), "--draft"
+
+
+def log_dir(cfg: Config, command: str, draft: str | None = None) -> Path:
+    """The command's log directory, after checking its location is writable (one line if not). A log file is
+    never appended to object storage: runs whose output is there log to ``outputs/logs`` (train: the run's
+    local mirror of its files)."""
+    location, key = log_location(cfg, command, draft)
+    if command == "train" and is_remote(location):
+        from medusa_ray.train import local_run_dir
+
+        return local_run_dir(cfg) / "logs"
+    if is_remote(location):
+        return Path("outputs") / "logs"
+    check_writable(location, key)
+    if command == "train":
+        from medusa_ray.train import run_location
+
+        return Path(run_location(cfg)) / "logs"
+    return Path(location).expanduser().resolve() / "logs"
+
+
+def run_stage(args: argparse.Namespace, cfg: Config):
+    """Call the command's stage and return its result (every result's ``summary()`` is what gets printed)."""
     if args.command == "distill":
         from medusa_ray import distill
 
-        distill.run(cfg)
-    elif args.command == "train":
+        return distill.run(cfg)
+    if args.command == "train":
         from medusa_ray import train
 
-        train.run(cfg)
-    elif args.command == "export":
+        return train.run(cfg)
+    if args.command == "export":
         from medusa_ray import export
 
-        export.run(cfg, checkpoint=args.checkpoint)
-    elif args.command == "eval":
+        return export.run(cfg, checkpoint=args.checkpoint)
+    if args.command == "eval":
         from medusa_ray import evaluate
 
-        evaluate.run(cfg, medusa_dir=args.medusa)
-    elif args.command == "pipeline":
-        from medusa_ray import pipeline
+        return evaluate.run(cfg, draft_dir=draft_dir(args))
+    from medusa_ray import pipeline
 
-        pipeline.run(cfg)
+    return pipeline.run(cfg)
 
 
 def execute(args: argparse.Namespace, prog: str, before_stage=None) -> int:
     """Run a parsed command: logging, config, the full log file, the stage; a ``UserError`` is one line."""
-    from medusa_ray import logs
-
-    set_verbose(args.verbose)
+    logs.set_verbose(args.verbose)
     logs.setup(args.verbose)
     try:
         if args.command == "make-tiny-model":
@@ -139,12 +186,12 @@ def execute(args: argparse.Namespace, prog: str, before_stage=None) -> int:
             print(f"tiny model written to {path}")
             return 0
         cfg = config_from_args(args)
-        log_path = logs.start_file(logs.run_log_dir(cfg, args.command, getattr(args, "medusa", None)),
-                                   args.command)
+        log_path = logs.start_file(log_dir(cfg, args.command, draft_dir(args)), args.command)
         try:
             if before_stage is not None:
                 before_stage(cfg)
-            run_stage(args, cfg)
+            result = run_stage(args, cfg)
+            print(("\n" if args.command in ("train", "pipeline") else "") + result.summary(), flush=True)
         finally:
             print(f"full log: {log_path}", flush=True)
         return 0

@@ -20,19 +20,6 @@ def local_num_cpus(cfg: RayConfig) -> int:
     return cfg.num_cpus or max(_MIN_LOCAL_CPUS, os.cpu_count() or 1)
 
 
-VERBOSE_ENV = "MEDUSA_RAY_VERBOSE"
-"""Set (by ``--verbose``) in the driver and, through the runtime env, in every Ray worker: libraries log in full."""
-
-
-def verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV) == "1"
-
-
-def set_verbose(on: bool) -> None:
-    if on:
-        os.environ[VERBOSE_ENV] = "1"
-
-
 def init_ray(cfg: RayConfig) -> None:
     """Connect to ``cfg.address`` or start a local cluster; a no-op when Ray is already up."""
     import ray

@@ -104,34 +104,41 @@ class DistillConfig(_Section):
         return self
 
 
-Method = Literal["medusa", "eagle3"]
+class DrafterKeys(_Section):
+    """A drafter's own ``train.*`` keys (defined in its module under ``medusa_ray/drafters``, registered with
+    ``register_drafter_keys``): validated with the rest of ``train``, and present whatever the method."""
+
+
+_DRAFTER_KEYS: dict[str, type[DrafterKeys]] = {}
+_UNKNOWN = "[unknown key] "
+
+
+def register_drafter_keys(method: str, keys: type[DrafterKeys]) -> None:
+    """Make ``train.method=<method>`` valid and ``keys``' fields ``train.*`` keys."""
+    taken = {k: m for m, model in _DRAFTER_KEYS.items() if m != method for k in model.model_fields}
+    clash = [k for k in keys.model_fields if k in taken or k in TrainConfig.model_fields]
+    if clash:
+        raise ValueError(f"drafter {method!r}: config key {clash[0]!r} is already taken")
+    _DRAFTER_KEYS[method] = keys
+
+
+def drafter_methods() -> list[str]:
+    return list(_DRAFTER_KEYS)
 
 
 class TrainConfig(_Section):
+    # The registered drafters' keys arrive as extras and are validated by their own models (_drafter_keys).
+    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=(),
+                              use_attribute_docstrings=True)
+
     data: Optional[str] = None
     """Distilled Parquet to train on. Default: ``distill.output_dir``."""
-    method: Union[Method, list[Method]] = "medusa"
-    """The drafter: ``medusa`` heads or an ``eagle3`` draft layer. In ``pipeline`` a list (``[medusa, eagle3]``)
-    trains each on the same distilled data, evaluates both on the same prompts and names the faster."""
-    eagle3_ttt_steps: int = Field(3, ge=1, le=8)
-    """EAGLE-3: draft steps unrolled in training (each step reads the draft's own previous output, as in vLLM);
-    also the tokens vLLM drafts per step unless ``eval.num_speculative_tokens`` says otherwise."""
-    eagle3_draft_vocab_size: int = Field(32000, ge=16)
-    """EAGLE-3: the draft's vocabulary, the most frequent tokens of the distilled replies (the base's whole
-    vocabulary when that is smaller)."""
-    eagle3_layers: Optional[list[int]] = None
-    """EAGLE-3: the three residual-stream positions of the base the draft reads (0: the embeddings, n: the last
-    layer's output). Default: vLLM's ``(2, n // 2, n - 3)``, or ``(0, n // 2, n)`` for models too shallow."""
-    medusa_num_heads: int = Field(3, ge=1)
-    """K: number of Medusa heads; head k predicts token t+k+2."""
-    medusa_num_layers: int = Field(1, ge=1)
-    """L: residual blocks per head."""
-    share_lm_head: bool = False
-    """Project every head through the frozen base ``lm_head`` instead of a trainable copy each."""
+    method: Union[str, list[str]] = "medusa"
+    """The drafter: ``medusa`` heads or an ``eagle3`` draft layer (any registered drafter). In ``pipeline`` a list
+    (``[medusa, eagle3]``) trains each on the same distilled data, evaluates both on the same prompts and names
+    the faster."""
     head_decay: float = Field(0.8, gt=0.0, le=1.0)
-    """Loss weight of head k is ``head_decay ** k``."""
-    topk: int = Field(3, ge=1)
-    """Report top-1 .. top-k accuracy per head."""
+    """Loss weight of draft position k is ``head_decay ** k``."""
     max_length: int = Field(512, ge=8)
     """Tokens per training sequence; longer conversations are truncated (and counted)."""
     logits_chunk_tokens: int = Field(1024, ge=1)
@@ -204,6 +211,27 @@ class TrainConfig(_Section):
     """Default: a local ``file:`` store inside the run's storage path."""
     mlflow_experiment: str = "medusa-ray"
     """MLflow experiment name."""
+
+    @model_validator(mode="after")
+    def _drafter_keys(self) -> "TrainConfig":
+        for method in ([self.method] if isinstance(self.method, str) else self.method):
+            if method not in _DRAFTER_KEYS:
+                raise ValueError(f"[method] unknown drafter {method!r} (known: {', '.join(_DRAFTER_KEYS)})")
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        owner = {key: model for model in _DRAFTER_KEYS.values() for key in model.model_fields}
+        for key in extra:
+            if key not in owner:
+                raise ValueError(f"{_UNKNOWN}{key}")
+        for model in _DRAFTER_KEYS.values():
+            given = {k: v for k, v in extra.items() if k in model.model_fields}
+            try:
+                extra.update(model.model_validate(given).model_dump())
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                key = ".".join(str(p) for p in error["loc"])
+                message = error["msg"].removeprefix("Value error, ")
+                raise ValueError(f"[{key}] {message} (got {error.get('input')!r})") from None
+        return self
 
 
 class ExportConfig(_Section):
@@ -293,6 +321,11 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     message = error["msg"].removeprefix("Value error, ")
+    if message.startswith(_UNKNOWN):  # a key no registered drafter owns
+        return f"{key}.{message.removeprefix(_UNKNOWN)}: unknown key"
+    if message.startswith("[") and "] " in message:  # a drafter's own key, named by its section
+        inner, rest = message[1:].split("] ", 1)
+        return f"{key}.{inner}: {rest}"
     if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
         return f"{key}: {message} (got {error['input']!r})"
     return f"{key}: {message}"
@@ -330,7 +363,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def reference_markdown() -> str:
-    """The README's config reference table, generated from the field docstrings above."""
+    """The config reference table (docs/config.md), generated from the field docstrings above and the registered
+    drafters' keys."""
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
 
     def type_name(annotation) -> str:
@@ -357,7 +391,11 @@ def reference_markdown() -> str:
     for name, field in Config.model_fields.items():
         section = field.annotation
         if isinstance(section, type) and issubclass(section, _Section):
-            for key, sub in section.model_fields.items():
+            fields = dict(section.model_fields)
+            if section is TrainConfig:  # each registered drafter's own keys, after the shared ones
+                for keys in _DRAFTER_KEYS.values():
+                    fields.update(keys.model_fields)
+            for key, sub in fields.items():
                 rows.append(f"| `{name}.{key}` | {type_name(sub.annotation)} | {default(sub)} | {describe(sub)} |")
         else:
             rows.append(f"| `{name}` | {type_name(field.annotation)} | {default(field)} | {describe(field)} |")

@@ -29,7 +29,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from medusa_ray.cluster import VERBOSE_ENV, verbose
+
+VERBOSE_ENV = "MEDUSA_RAY_VERBOSE"
+"""Set (by ``--verbose``) in the driver and, through the runtime env, in every Ray worker: libraries log in full."""
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def set_verbose(on: bool) -> None:
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
 
 LOG_DIR_ENV = "MEDUSA_RAY_LOG_DIR"
 """The run's log directory, for workers (Serve's files, vLLM's file) and the driver's router."""
@@ -276,22 +287,3 @@ def serve_llm_import() -> Iterator[None]:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
-
-
-def run_log_dir(cfg, command: str, medusa_dir: str | None = None) -> Path:
-    """Where a command's full log goes: a ``logs/`` directory with the output it makes (``outputs/logs`` when
-    that output is object storage, which a log file is not appended to)."""
-    if command == "train":
-        from medusa_ray.train import run_files, run_location
-
-        return run_files.local_dir(run_location(cfg)) / "logs"
-    if command in ("distill", "pipeline"):
-        output = cfg.distill.output_dir
-    elif command == "export":  # beside the export, not in it: the export is published
-        output = str(Path(cfg.export.output_dir).parent) if "://" not in cfg.export.output_dir else "s3://"
-    else:
-        target = cfg.eval.output_json or medusa_dir or cfg.export.output_dir
-        output = str(Path(target).parent) if "://" not in target else "s3://"
-    if "://" in output:
-        return Path("outputs") / "logs"
-    return Path(output).expanduser().resolve() / "logs"

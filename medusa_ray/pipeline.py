@@ -1,7 +1,8 @@
 """pipeline: distill -> train -> export -> eval on one Ray cluster.
 
 Each stage skips work already complete in its output location, so re-running after a crash continues
-where it stopped: distillation is not redone, training resumes from its last checkpoint.
+where it stopped: distillation is not redone, training resumes from its last checkpoint. The pipeline only
+sequences the stages: each gets its own config (``_stage_config``), and their results print as they finish.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medusa_ray import drafters
 from medusa_ray.cluster import init_ray, node_id
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
 from medusa_ray.locks import hold
+from medusa_ray.paths import is_remote
+from medusa_ray.writable import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +47,19 @@ class PipelineSummary:
     nodes: dict[str, list[str]] = field(default_factory=dict)
     """Ray node ids each stage's work ran on, and the driver's (``driver``)."""
 
-    def table(self) -> str:
+    def summary(self) -> str:
         def fmt(v: Any) -> str:
             if v is None:
                 return "-"
             return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-        what = "draft" if self.method == "eagle3" else "heads"
+        drafter = drafters.get(self.method)
+        what = drafter.title.split()[-1]  # "heads", "draft"
         rows = [
             ("rows distilled", self.rows_distilled),
             ("train steps", f"{self.train_steps}"
                             + (f" (resumed at {self.train_resumed_from})" if self.train_resumed_from else "")),
-            ("top-1 per draft position (validation)" if what == "draft" else "head top-1 (validation)", " ".join(f"{a:.3f}" for a in self.head_top1) or "-"),
+            (f"{drafter.position} top-1 (validation)", " ".join(f"{a:.3f}" for a in self.head_top1) or "-"),
             ("expected acceptance (validation)", self.expected_acceptance),
             (f"acceptance length (trained {what})", self.acceptance_length),
             (f"acceptance length (untrained {what})", self.acceptance_length_untrained),
@@ -116,9 +121,8 @@ def _split_heldout(cfg: Config, work: Path) -> Config:
         if split["invalid"]:
             log.warning("%d invalid records in %s are not distilled, e.g. %s", split["invalid"], d.input,
                         "; ".join(split["invalid_examples"]))
-    overrides = {"distill": {"input": str(train_file), "format": "jsonl", "limit": None},
-                 "eval": {"prompts": str(heldout_file)}}
-    return _with(cfg, overrides)
+    return _stage_config(cfg, distill={"input": str(train_file), "format": "jsonl", "limit": None},
+                         eval={"prompts": str(heldout_file)})
 
 
 def write_split(input_path: str, fmt: str, limit: int | None, num_prompts: int, train_file: str,
@@ -200,11 +204,12 @@ def _check_fingerprint(path: Path, settings: dict[str, Any], what: str) -> None:
         path.write_text(json.dumps(settings, indent=2, default=str))
 
 
-def _with(cfg: Config, changes: dict[str, dict[str, Any]]) -> Config:
-    tree = cfg.to_dict()
-    for section, values in changes.items():
-        tree[section].update(values)
-    return Config.model_validate(tree)
+def _stage_config(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """``cfg`` with some keys of some sections changed, each changed section validated again."""
+    changed = {name: getattr(cfg, name).model_copy(update=values) for name, values in sections.items()}
+    for name, section in changed.items():
+        type(section).model_validate(section.model_dump())  # model_copy does not validate: fail here, not later
+    return cfg.model_copy(update=changed)
 
 
 def _distill(cfg: Config, work: Path) -> tuple[int, list[str]]:
@@ -223,6 +228,7 @@ def _distill(cfg: Config, work: Path) -> tuple[int, list[str]]:
         log.info("distill: already complete (%d rows in %s), skipping", rows, cfg.distill.output_dir)
         return rows, list(done.get("nodes") or [])
     summary = distill.run(cfg)
+    print(summary.summary(), flush=True)
     rows = _count_rows(cfg.distill.output_dir)
     marker.write_text(json.dumps({**asdict(summary), "rows_out_total": rows}, default=str, indent=2))
     _track_distill(cfg, {k: v for k, v in asdict(summary).items() if k != "nodes"} | {"rows_out_total": rows})
@@ -248,29 +254,37 @@ def _count_rows(directory: str) -> int:
     return sum(parquet.num_rows(p) for p in Path(directory).glob("*.parquet"))
 
 
-def _export_node(export_dir: Path) -> str | None:
-    from medusa_ray.export import read_marker
-
-    return (read_marker(export_dir) or {}).get("node_id")
-
-
 def run(cfg: Config) -> PipelineSummary:
+    _check_outputs(cfg)
     init_ray(cfg.ray)
     # The pipeline's own files (held-out split, markers) live in distill's output dir: hold it throughout.
     with hold(cfg.distill.output_dir, "pipeline"):
         return _pipeline(cfg)
 
 
+def _check_outputs(cfg: Config) -> None:
+    """Every stage's output location is writable before the first one starts: an unwritable export directory
+    found after an hour of distilling and training costs the hour."""
+    check_writable(cfg.distill.output_dir, "distill.output_dir")
+    check_writable(cfg.train.storage_path, "train.storage_path")  # object storage: left to its client
+    if not is_remote(cfg.export.output_dir):
+        check_writable(Path(cfg.export.output_dir).expanduser().resolve().parent, "export.output_dir")
+    for key, value in (("eval.output_json", cfg.eval.output_json), ("eval.plot", cfg.eval.plot)):
+        if value:
+            check_writable(Path(value).expanduser().parent, key)
+
+
 def _for_method(cfg: Config, method: str, several: bool) -> Config:
     """The config one drafter trains, exports and evaluates with; with several, each its own run and export."""
-    changes: dict[str, dict[str, Any]] = {"train": {"method": method}}
+    train: dict[str, Any] = {"method": method}
+    sections: dict[str, dict[str, Any]] = {"train": train}
     if several:
-        changes["train"]["run_name"] = f"{cfg.train.run_name}-{method}"
-        changes["export"] = {"output_dir": f"{cfg.export.output_dir.rstrip('/')}-{method}"}
+        train["run_name"] = f"{cfg.train.run_name}-{method}"
+        sections["export"] = {"output_dir": f"{cfg.export.output_dir.rstrip('/')}-{method}"}
         if cfg.eval.plot:
             plot = Path(cfg.eval.plot)
-            changes["eval"] = {"plot": str(plot.with_name(f"{plot.stem}-{method}{plot.suffix}"))}
-    return _with(cfg, changes)
+            sections["eval"] = {"plot": str(plot.with_name(f"{plot.stem}-{method}{plot.suffix}"))}
+    return _stage_config(cfg, **sections)
 
 
 def _drafter_run(cfg: Config) -> dict[str, Any]:
@@ -278,15 +292,16 @@ def _drafter_run(cfg: Config) -> dict[str, Any]:
     from medusa_ray import evaluate, export, train
 
     result = train.run(cfg)
-    export_dir = export.run(cfg, checkpoint=result.best_checkpoint or result.checkpoint)
-    results = evaluate.run(cfg, medusa_dir=str(export_dir), compare_untrained=cfg.eval.compare_untrained)
+    print("\n" + result.summary() + "\n", flush=True)
+    exported = export.run(cfg, checkpoint=result.best_checkpoint or result.checkpoint)
+    print(exported.summary(), flush=True)
+    export_dir = exported.path
+    results = evaluate.run(cfg, draft_dir=str(export_dir), compare_untrained=cfg.eval.compare_untrained)
+    print(results.summary(), flush=True)
     untrained = results.get("compared", {}).get("untrained")
-    steps = cfg.train.eagle3_ttt_steps if cfg.train.method == "eagle3" else cfg.train.medusa_num_heads
-    prefix = "eagle3_step" if cfg.train.method == "eagle3" else "medusa"
     return {
         "result": result,
-        "head_top1": list(result.best_validation.get("top1") or
-                          [float(result.metrics.get(f"{prefix}{i}_top1", float("nan"))) for i in range(steps)]),
+        "head_top1": result.top1(),
         "expected_acceptance": result.best_validation.get("expected_acceptance"),
         "acceptance_length": results.get("acceptance_length"),
         "acceptance_length_untrained": untrained.get("acceptance_length") if untrained else None,
@@ -297,21 +312,19 @@ def _drafter_run(cfg: Config) -> dict[str, Any]:
         "train_steps": result.global_step,
         "export_dir": str(export_dir),
         "plots": result.plots + ([results["plot"]] if results.get("plot") else []),
-        "nodes": {"train": result.nodes, "export": [_export_node(export_dir)], "eval": [results.get("node_id")]},
+        "nodes": {"train": result.nodes, "export": [exported.marker.get("node_id")], "eval": [results.get("node_id")]},
     }
 
 
 def _note_comparison(compared: dict[str, dict[str, Any]], fastest: str) -> None:
     """Each export's model card says how it did against the other drafters, and which was faster."""
-    from medusa_ray.export import COMPARISON_FILE, write_model_card
+    from medusa_ray import export
 
     numbers = ("expected_acceptance", "acceptance_length", "acceptance_length_untrained", "speedup",
                "outputs_identical", "train_tokens_per_s", "train_peak_memory_mib", "train_steps")
     table = {"fastest": fastest, "drafters": {m: {k: c[k] for k in numbers} for m, c in compared.items()}}
     for c in compared.values():
-        path = Path(c["export_dir"]) / COMPARISON_FILE
-        path.write_text(json.dumps(table, indent=2) + "\n")
-        write_model_card(path.parent)
+        export.record_comparison(Path(c["export_dir"]), table)
 
 
 def _pipeline(cfg: Config) -> PipelineSummary:
@@ -319,7 +332,7 @@ def _pipeline(cfg: Config) -> PipelineSummary:
     if cfg.eval.prompts is None:
         cfg = _split_heldout(cfg, work)
     if cfg.eval.plot is None:
-        cfg = _with(cfg, {"eval": {"plot": str(work / "eval_acceptance.png")}})
+        cfg = _stage_config(cfg, eval={"plot": str(work / "eval_acceptance.png")})
 
     rows, distill_nodes = _distill(cfg, work)
     if rows == 0:
@@ -352,5 +365,4 @@ def _pipeline(cfg: Config) -> PipelineSummary:
         nodes={"driver": [node_id()], "distill": distill_nodes, **best["nodes"]},
     )
     (work / "pipeline_summary.json").write_text(json.dumps(asdict(summary), indent=2))
-    print("\n" + summary.table())
     return summary

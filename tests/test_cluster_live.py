@@ -268,13 +268,13 @@ def test_ray_job_submit_on_a_head_that_runs_nothing(worker_gpus, tiny_model, tmp
 
     assert sorted((out / "distill").glob("*.parquet")), "no distilled shards"
     from medusa_ray.train import find_latest_checkpoint
-    from medusa_ray.train.checkpoints import read_meta
+    from medusa_ray.checkpoint import read_meta
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)  # read the bucket the way the cluster did
     checkpoint = find_latest_checkpoint(storage, "job")
     assert checkpoint is not None and checkpoint.startswith(storage)
-    assert read_meta(checkpoint)["global_step"] == 3
+    assert read_meta(checkpoint).global_step == 3
     export = out / "export"
     assert (export / "medusa_lm_head.safetensors").is_file()
     assert json.loads((export / "config.json").read_text())["medusa_num_heads"] == 3

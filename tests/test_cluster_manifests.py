@@ -496,7 +496,11 @@ def test_job_entrypoint_forces_cluster_address(stage, monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr("medusa_ray.cluster.init_ray", lambda cfg: calls.append(("init", cfg.address)))
-    monkeypatch.setattr(cli, "run_stage", lambda args, cfg: calls.append((args.command, cfg.ray.address)))
+    class Ran:  # what a stage returns: the CLI prints its summary
+        def summary(self) -> str:
+            return "ran"
+
+    monkeypatch.setattr(cli, "run_stage", lambda args, cfg: calls.append((args.command, cfg.ray.address)) or Ran())
     assert _entry.main(stage, []) == 0
     assert calls == [("init", "auto"), (stage, "auto")]
 

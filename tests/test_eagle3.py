@@ -72,10 +72,10 @@ def eagle3_run(tiny_model, ray_session, tmp_path_factory):
 @pytest.mark.slow
 def test_eagle3_trains_resumes_exports_and_beats_an_untrained_draft_in_vllm(eagle3_run, tiny_model):
     from medusa_ray import evaluate, export, train
-    from medusa_ray.train.checkpoints import read_meta
+    from medusa_ray.checkpoint import read_meta
 
     cfg, first, work = eagle3_run
-    meta = read_meta(first.checkpoint)
+    meta = read_meta(first.checkpoint).flat()
     assert first.global_step == 40 and meta["method"] == "eagle3" and meta["eagle3_draft_vocab_size"] == 256
     assert meta["eagle3_layer_ids"] == [0, 1, 2] and set(first.validation["names"]) == {
         "eagle3_step0", "eagle3_step1", "eagle3_step2"}
@@ -85,7 +85,7 @@ def test_eagle3_trains_resumes_exports_and_beats_an_untrained_draft_in_vllm(eagl
     again = train.run(cfg("train.max_steps=50"))  # the same run, extended: it resumes from step 40
     assert again.resumed_from == 40 and again.global_step == 50
 
-    out = export.run(cfg(), checkpoint=again.checkpoint)
+    out = export.run(cfg(), checkpoint=again.checkpoint).path
     config = json.loads((out / "config.json").read_text())
     assert config["speculators_model_type"] == "eagle3" and config["draft_vocab_size"] == 256
     assert config["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
@@ -97,7 +97,7 @@ def test_eagle3_trains_resumes_exports_and_beats_an_untrained_draft_in_vllm(eagl
 
     prompts.write_text("".join(json.dumps({"messages": c[:1] if c[0]["role"] == "user" else c[:2]}) + "\n"
                                for c in corpus.conversations(16, seed=999)))
-    results = evaluate.run(cfg(f"eval.prompts={prompts}"), medusa_dir=str(out), compare_untrained=True)
+    results = evaluate.run(cfg(f"eval.prompts={prompts}"), draft_dir=str(out), compare_untrained=True)
     assert results["method"] == "eagle3" and results["num_drafts"] > 0
     assert results["outputs_identical"] is True  # speculation never changes greedy output
     untrained = results["compared"]["untrained"]

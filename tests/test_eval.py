@@ -96,20 +96,20 @@ def test_eval_refuses_before_starting_engines(tmp_path, random_tiny_model):
     prompts.write_text(json.dumps({"messages": CONV}) + "\n")
     cfg = build_config({"model": str(random_tiny_model), "eval": {"prompts": str(prompts)}})
     with pytest.raises(UserError, match="no config.json"):
-        evaluate.run(cfg, medusa_dir=str(tmp_path))
-    with pytest.raises(UserError, match="num_speculative_tokens=3 but .* only 2 heads"):
+        evaluate.run(cfg, draft_dir=str(tmp_path))
+    with pytest.raises(UserError, match="num_speculative_tokens=3 but .* drafts at most 2"):
         evaluate.run(build_config({"model": str(random_tiny_model), "eval": {"prompts": str(prompts),
                                                                              "num_speculative_tokens": 3}}),
-                     medusa_dir=str(heads_dir))
+                     draft_dir=str(heads_dir))
     with pytest.raises(UserError, match="eval.prompts is not set"):
-        evaluate.run(build_config({"model": str(random_tiny_model)}), medusa_dir=str(heads_dir))
+        evaluate.run(build_config({"model": str(random_tiny_model)}), draft_dir=str(heads_dir))
 
 
 def test_head_accuracy_counts_assistant_targets(tmp_path, random_tiny_model):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from medusa_ray.evaluate.accuracy import head_accuracy, load_exported_heads
+    from medusa_ray.model.accuracy import head_accuracy, load_exported_heads
     from medusa_ray.data.chat import IGNORE_INDEX, load_tokenizer, tokenize_messages
 
     heads_dir = _export_like(tmp_path / "heads", random_tiny_model)

@@ -70,7 +70,7 @@ def _gather_worker(rank: int, world: int, port: int, jobs: list[tuple[str, str]]
 
     deepspeed.init_distributed(dist_backend="gloo")
     for name, ckpt in jobs:
-        meta = json.loads((Path(ckpt) / "medusa_meta.json").read_text())
+        meta = json.loads((Path(ckpt) / "draft_meta.json").read_text())
         heads = MedusaHeads(meta["medusa_num_heads"], meta["medusa_num_layers"],
                             torch.zeros(meta["vocab_size"], meta["hidden_size"]), meta["share_lm_head"])
         config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": meta["zero_stage"]},
@@ -110,7 +110,7 @@ def exported(trained, tmp_path_factory) -> dict[str, Path]:
     dirs = {}
     for name, (cfg, result) in trained.items():
         cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"output_dir": str(root / name)})})
-        dirs[name] = export.run(cfg, checkpoint=str(result.checkpoint))
+        dirs[name] = export.run(cfg, checkpoint=str(result.checkpoint)).path
     return dirs
 
 
@@ -175,7 +175,7 @@ def test_model_card_describes_the_run(exported, trained):
     cfg, result = trained["z2w1"]
     card = (exported["z2w1"] / "README.md").read_text()
     assert f"| optimizer steps | {result.global_step} |" in card
-    meta = json.loads((Path(result.checkpoint) / "medusa_meta.json").read_text())
+    meta = json.loads((Path(result.checkpoint) / "draft_meta.json").read_text())
     assert f"| rows | {meta['data']['rows']} |" in card and f"| tokens | {meta['data']['tokens']} |" in card
     # The data's location is published without its directories (no home dir in a public card).
     assert f"| source | `{Path(meta['data']['source']).parent.name}/{Path(meta['data']['source']).name}` |" in card
@@ -192,7 +192,7 @@ def test_default_checkpoint_is_the_run_s_best(trained, tmp_path):
 
     cfg, result = trained["z3w1"]
     cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"output_dir": str(tmp_path / "out")})})
-    out = export.run(cfg)
+    out = export.run(cfg).path
     marker = json.loads((out / "medusa_ray_export.json").read_text())
     assert marker["source"]["id"] == source_id(str(Path(result.checkpoint).resolve()))
     assert marker["source"]["checkpoint"] == "/".join(Path(result.checkpoint).parts[-2:])
@@ -211,10 +211,10 @@ def test_refuses_what_it_should(trained, exported, tmp_path, random_tiny_model):
     # Not one of ours.
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "medusa_meta.json").write_text(json.dumps({"format": "something-else/2"}))
+    (foreign / "draft_meta.json").write_text(json.dumps({"format": "something-else/2"}))
     with pytest.raises(UserError, match="not a medusa-ray checkpoint"):
         export.run(with_output(tmp_path / "a"), checkpoint=str(foreign))
-    with pytest.raises(UserError, match="no medusa_meta.json"):
+    with pytest.raises(UserError, match="no draft_meta.json"):
         export.run(with_output(tmp_path / "a"), checkpoint=str(tmp_path))
 
     # Heads whose hidden size does not fit the base model.
@@ -225,15 +225,15 @@ def test_refuses_what_it_should(trained, exported, tmp_path, random_tiny_model):
     base_cfg = json.loads((random_tiny_model / "config.json").read_text())
     (narrow / "config.json").write_text(json.dumps({**base_cfg, "hidden_size": 64, "num_attention_heads": 1,
                                                    "num_key_value_heads": 1}))
-    meta = json.loads((wrong / "medusa_meta.json").read_text())
-    (wrong / "medusa_meta.json").write_text(json.dumps({**meta, "base_model": str(narrow)}))
+    meta = json.loads((wrong / "draft_meta.json").read_text())
+    (wrong / "draft_meta.json").write_text(json.dumps({**meta, "base_model": str(narrow)}))
     with pytest.raises(UserError, match="hidden_size=128 but base model .* hidden_size=64"):
         export.run(with_output(tmp_path / "b"), checkpoint=str(wrong))
     assert not (tmp_path / "b").exists()
 
     # Head count in the meta that the weights do not have.
-    (wrong / "medusa_meta.json").write_text(json.dumps({**meta, "medusa_num_heads": 5}))
-    with pytest.raises(UserError, match="do not match medusa_meta.json \\(5 heads"):
+    (wrong / "draft_meta.json").write_text(json.dumps({**meta, "medusa_num_heads": 5}))
+    with pytest.raises(UserError, match="do not match the checkpoint meta \\(5 heads"):
         export.run(with_output(tmp_path / "b"), checkpoint=str(wrong))
 
     # An output dir holding a different export, unless --overwrite.
@@ -270,13 +270,13 @@ def test_nothing_private_is_published(trained, tmp_path):
     cfg, result = trained["z2w1"]
     ckpt = tmp_path / "home" / "alice" / "runs" / "ckpt"
     shutil.copytree(result.checkpoint, ckpt)
-    meta = json.loads((ckpt / "medusa_meta.json").read_text())
+    meta = json.loads((ckpt / "draft_meta.json").read_text())
     meta["config"]["distill"]["endpoint"] = f"http://user:{SECRET}@vllm.internal:8000/v1"
     meta["config"]["train"]["mlflow_tracking_uri"] = f"https://admin:{SECRET}@mlflow.example.com"
     meta["config"]["train"]["storage_path"] = f"s3://bucket-{SECRET}/ray_results?token={SECRET}"
     meta["config"]["distill"]["input"] = f"/home/alice/{SECRET}/prompts.jsonl"
     meta["data"]["source"] = f"s3://key:{SECRET}@bucket/distilled?sig={SECRET}"
-    (ckpt / "medusa_meta.json").write_text(json.dumps(meta))
+    (ckpt / "draft_meta.json").write_text(json.dumps(meta))
 
     out = tmp_path / "out"
     cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"output_dir": str(out)})})
@@ -320,7 +320,7 @@ def test_export_never_unpickles_the_checkpoint(trained, exported, tmp_path):
     def to(out: Path):
         return cfg.model_copy(update={"export": cfg.export.model_copy(update={"output_dir": str(out)})})
 
-    out = export.run(to(tmp_path / "out"), checkpoint=str(planted))
+    out = export.run(to(tmp_path / "out"), checkpoint=str(planted)).path
     assert not ran.exists()
     weights = load_file(str(out / "medusa_lm_head.safetensors"))
     reference = load_file(str(exported["z2w1"] / "medusa_lm_head.safetensors"))
@@ -418,7 +418,7 @@ def test_vllm_loads_export_and_trained_heads_beat_untrained(exported, trained, d
         "output_json": str(tmp_path / "eval.json"), "plot": str(tmp_path / "eval.png"),
         "engine_kwargs": {"max_model_len": 256}})})
     trained_dir = exported["z2w1"]
-    results = evaluate.run(cfg, medusa_dir=str(trained_dir))
+    results = evaluate.run(cfg, draft_dir=str(trained_dir))
 
     assert results["outputs_identical"], results["errors"]
     assert results["num_drafts"] > 0 and results["num_accepted_tokens"] > 0

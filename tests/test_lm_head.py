@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from medusa_ray.errors import UserError
-from medusa_ray.export.writer import base_lm_head
+from medusa_ray.model.base import base_lm_head
 
 
 def _model(tmp_path, name: str, tied: bool, max_shard_size: str | None = None):

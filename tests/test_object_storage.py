@@ -58,7 +58,7 @@ def test_train_resume_and_export_on_s3(s3_env, random_tiny_model, tmp_path, monk
         return {i.path.removeprefix(f"{BUCKET}/runs/s3run/") for i in infos}
 
     files = listing()
-    assert "checkpoint_step00000004/medusa_meta.json" in files
+    assert "checkpoint_step00000004/draft_meta.json" in files
     # The run's own files live in the run's storage, not on the node rank 0 ran on.
     assert {"metrics.jsonl", "tracking.json", "head_losses.png"} <= files
     assert any(f.startswith("tensorboard/") for f in files)
@@ -76,7 +76,7 @@ def test_train_resume_and_export_on_s3(s3_env, random_tiny_model, tmp_path, monk
     # Export without --checkpoint picks the run's best validated checkpoint from the bucket, and says which.
     for key, value in s3_env.items():
         monkeypatch.setenv(key, value)
-    from medusa_ray.train.checkpoints import best_checkpoint, run_checkpoints
+    from medusa_ray.checkpoint import best_checkpoint, run_checkpoints
 
     found = run_checkpoints(storage, "s3run")
     assert found[-1].step == 6 and all(c.uri.startswith(f"{storage}/s3run/checkpoint_step") for c in found)

@@ -96,7 +96,7 @@ def test_training_rows_and_heldout_rows_with_a_pickled_cell_are_refused(tmp_path
     for read in (lambda: check_schema([str(f)]), lambda: make_plan([str(f)], 0, 0.0, 1, 1)):
         with pytest.raises(UserError, match="column 'model'"):
             read()
-    from medusa_ray.evaluate.accuracy import head_accuracy
+    from medusa_ray.model.accuracy import head_accuracy
 
     f = _write(tmp_path / "heldout.parquet", {"messages": _pickled_column([_Planted()])})
     with pytest.raises(UserError, match="column 'messages'"):

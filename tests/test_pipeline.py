@@ -70,7 +70,7 @@ def test_pipeline_killed_in_training_resumes_and_finishes(tiny_model, ray_sessio
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    killed_at = json.loads((Path(find_latest_checkpoint(str(storage), "pipe")) / "medusa_meta.json").read_text())
+    killed_at = json.loads((Path(find_latest_checkpoint(str(storage), "pipe")) / "draft_meta.json").read_text())
     assert 5 <= killed_at["global_step"] < 20
     shards = {p: p.stat().st_mtime_ns for p in distilled.glob("*.parquet")}
     assert shards, "distillation wrote nothing before training started"
@@ -96,7 +96,7 @@ def test_pipeline_killed_in_training_resumes_and_finishes(tiny_model, ray_sessio
     assert summary["train_resumed_from"] >= killed_at["global_step"]
     assert summary["train_steps"] == 20
     final = find_latest_checkpoint(str(storage), "pipe")
-    assert json.loads((Path(final) / "medusa_meta.json").read_text())["global_step"] == 20
+    assert json.loads((Path(final) / "draft_meta.json").read_text())["global_step"] == 20
 
     # The export loaded in vLLM as a Medusa drafter: it drafted, never changed greedy outputs, and trained
     # heads got more tokens accepted than the same heads before training.

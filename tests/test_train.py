@@ -13,7 +13,8 @@ from medusa_ray import faults
 from medusa_ray.config import build_config
 from medusa_ray.errors import UserError
 from medusa_ray.tiny import corpus
-from medusa_ray.train import checkpoints, find_latest_checkpoint, run
+from medusa_ray import checkpoint as checkpoints
+from medusa_ray.train import find_latest_checkpoint, run
 from medusa_ray.train.plots import read_metrics
 
 NUM_HEADS = 3
@@ -60,13 +61,13 @@ def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, rand
     # Ray Train keeps the 2 best checkpoints by validation expected acceptance, and always the latest.
     kept = sorted(p.name for p in (tmp_path / "fault").glob("checkpoint_step*"))
     assert checkpoints.checkpoint_dir_name(20) in kept and 2 <= len(kept) <= 3
-    scores = {c.step: checkpoints.validation_score(c) for c in checkpoints.run_checkpoints(str(tmp_path), "fault")}
+    scores = {c.step: c.score for c in checkpoints.run_checkpoints(str(tmp_path), "fault")}
     assert result.best_checkpoint.endswith(checkpoints.checkpoint_dir_name(max(scores, key=scores.get)))
     assert result.validation["step"] == 20 and result.validation["rows"] == 20
     assert [json.loads(line)["step"] for line in (tmp_path / "fault" / "validation.jsonl").read_text().splitlines()
             ] == [5, 10, 15, 20]
 
-    meta = checkpoints.read_meta(result.checkpoint)
+    meta = checkpoints.read_meta(result.checkpoint).flat()
     assert meta["global_step"] == 20 and meta["world_size"] == 2 and meta["zero_stage"] == 2
     assert meta["medusa_num_heads"] == NUM_HEADS and meta["share_lm_head"] is False
     assert meta["config"]["train"]["run_name"] == "fault"
@@ -101,12 +102,12 @@ def test_stopped_run_continues_when_rerun_zero3(ray_session, random_tiny_model, 
         run(_cfg(*args, "train.max_failures=0"))
     monkeypatch.delenv(faults.ENV)
     stopped = find_latest_checkpoint(str(tmp_path), "rerun")
-    assert checkpoints.read_meta(stopped)["global_step"] == 3
+    assert checkpoints.read_meta(stopped).global_step == 3
 
     # Re-running the same command continues from step 3 instead of starting over.
     result = run(_cfg(*args))
     assert result.resumed_from == 3 and result.global_step == 8
-    meta = checkpoints.read_meta(result.checkpoint)
+    meta = checkpoints.read_meta(result.checkpoint).flat()
     assert meta["zero_stage"] == 3 and meta["data"]["rows"] == 8 * 2 * 4
     # ZeRO-3 partitions the heads themselves: each rank wrote its own parameter shard.
     files = {p.name for p in (Path(result.checkpoint) / "deepspeed" / "global_step8").iterdir()}
@@ -117,7 +118,7 @@ def test_incompatible_rerun_and_bad_inputs_fail_before_ray(random_tiny_model, di
     run_dir = tmp_path / "old" / "checkpoint_step00000004"
     (run_dir / "deepspeed").mkdir(parents=True)
     (run_dir / "deepspeed" / "latest").write_text("global_step4")
-    meta = {"format": checkpoints.META_FORMAT, "global_step": 4, "medusa_num_heads": 5, "medusa_num_layers": 1,
+    meta = {"format": checkpoints.FORMAT, "global_step": 4, "medusa_num_heads": 5, "medusa_num_layers": 1,
             "share_lm_head": False, "hidden_size": 128, "vocab_size": 1024, "zero_stage": 2, "world_size": 2}
     (run_dir / checkpoints.META_FILE).write_text(json.dumps(meta))
     # Registered with Ray Train, as a real run's checkpoint is (an unregistered one is never resumed).
@@ -180,7 +181,6 @@ def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_sessio
     same rows as a run that was never interrupted (none twice, none skipped), and the same final weights."""
     import torch
 
-    from medusa_ray.export.checkpoint import read_heads
 
     def records(directory: Path) -> dict[tuple[int, int], list[str]]:
         out = {}
@@ -206,7 +206,7 @@ def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_sessio
     first = [i for (rank, step), batch in straight_rows.items() if step <= 13 for i in batch]
     assert len(first) == 13 * 2 * 4 == len(set(first))
     assert sum(len(b) for b in straight_rows.values()) > len({i for b in straight_rows.values() for i in b})
-    a, b = read_heads(Path(straight.checkpoint)), read_heads(Path(resumed.checkpoint))
+    a, b = checkpoints.read_weights(Path(straight.checkpoint)), checkpoints.read_weights(Path(resumed.checkpoint))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
@@ -218,7 +218,7 @@ def test_export_without_checkpoint_picks_the_best_validated_one(random_tiny_mode
     for step, score in ((3, 2.4), (6, 2.1)):  # the later checkpoint validated worse
         ckpt = tmp_path / "best" / checkpoints.checkpoint_dir_name(step)
         (ckpt / "deepspeed").mkdir(parents=True)
-        meta = {"format": checkpoints.META_FORMAT, "global_step": step, "validation": {"expected_acceptance": score}}
+        meta = {"format": checkpoints.FORMAT, "global_step": step, "validation": {"expected_acceptance": score}}
         (ckpt / checkpoints.META_FILE).write_text(json.dumps(meta))
         names.append(ckpt.name)
     register_checkpoints(tmp_path / "best", names)

@@ -11,7 +11,7 @@ from medusa_ray.data.chat import load_tokenizer, tokenize_messages
 from medusa_ray.tiny import corpus
 from medusa_ray.train import worker
 from medusa_ray.train.data import collate
-from medusa_ray.train.drafters import Medusa, medusa_metrics
+from medusa_ray.drafters.medusa import Medusa, medusa_metrics
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_training_changes_only_the_heads(process_group, random_tiny_model):
     decoder = worker.decoder_of(base)
     losses = []
     for _ in range(6):
-        stats, tokens, lr = worker.forward_backward(engine, decoder, batch, cfg, torch.device("cpu"))
+        stats, tokens, lr = worker.forward_backward(engine, decoder, batch, Medusa(cfg), torch.device("cpu"))
         losses.append(medusa_metrics(stats, 0.8, 3)["loss"])
         assert lr > 0 and tokens == int(batch[1].sum())
     assert losses[-1] < losses[0] * 0.9, losses
@@ -103,16 +103,55 @@ def test_the_loop_runs_without_ray_and_its_checkpoint_exports(process_group, ran
     assert result["validation"]["step"] == 3 and result["validation"]["rows"] == 4
     assert 1.0 <= result["validation"]["expected_acceptance"] <= 4.0
     assert (tmp_path / "run" / "validation.jsonl").read_text().count("\n") == 2
-    out = export.run(cfg, checkpoint=str(session.checkpoints[-1]))
+    out = export.run(cfg, checkpoint=str(session.checkpoints[-1])).path
     assert (out / "medusa_lm_head.safetensors").stat().st_size > 0
 
 
-def test_heads_dtype_follows_the_deepspeed_config():
+def test_drafter_dtype_follows_the_deepspeed_config():
     """bf16 heads only where ZeRO keeps fp32 master weights; a user's DeepSpeed JSON decides for itself."""
     zero0 = worker.deepspeed_config(build_config({}, ["train.zero_stage=0"]), on_gpu=True)
     zero2 = worker.deepspeed_config(build_config({}, ["train.zero_stage=2"]), on_gpu=True)
     cpu = worker.deepspeed_config(build_config({}, ["train.zero_stage=2"]), on_gpu=False)
-    assert worker.heads_dtype(zero0) == torch.float32 and not zero0["bf16"]["enabled"]
-    assert worker.heads_dtype(zero2) == torch.bfloat16
-    assert worker.heads_dtype(cpu) == torch.float32
-    assert worker.heads_dtype({"fp16": {"enabled": True}}) == torch.float16
+    assert worker.drafter_dtype(zero0) == torch.float32 and not zero0["bf16"]["enabled"]
+    assert worker.drafter_dtype(zero2) == torch.bfloat16
+    assert worker.drafter_dtype(cpu) == torch.float32
+    assert worker.drafter_dtype({"fp16": {"enabled": True}}) == torch.float16
+
+
+class _Planted:
+    """Unpickling this writes the file named by MEDUSA_RAY_PWNED: proof that code ran."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['MEDUSA_RAY_PWNED']}",))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_resume_never_unpickles_code_planted_in_deepspeed_files(process_group, tmp_path, monkeypatch, zero_stage):
+    """Whoever can write the run's storage must not run code on the workers at resume: DeepSpeed's files load
+    with weights_only (its own plain types allow-listed), so a planted pickle is refused, not run."""
+    from medusa_ray.model.heads import MedusaHeads
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("MEDUSA_RAY_PWNED", str(marker))
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": zero_stage},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+
+    def engine():
+        return worker.init_engine(MedusaHeads(2, 1, torch.randn(50, 16)), config, 1, 4)
+
+    trained = engine()
+    loss, _ = trained(torch.randn(1, 4, 16), labels=torch.randint(0, 50, (1, 4)), head_decay=0.8, topk=1,
+                      chunk_tokens=16)
+    trained.backward(loss)
+    trained.step()
+    trained.save_checkpoint(str(tmp_path / "ds"), tag="t", client_state={"medusa_ray": {"step": 1}})
+    _, client = engine().load_checkpoint(str(tmp_path / "ds"), tag="t")  # what DeepSpeed wrote loads as it is
+    assert client["medusa_ray"] == {"step": 1}
+
+    for path in (tmp_path / "ds" / "t").glob("*.pt"):
+        state = torch.load(path, weights_only=False)  # the test's own file
+        state["planted"] = _Planted()
+        torch.save(state, path)
+        with pytest.raises(Exception, match="Weights only load failed"):
+            engine().load_checkpoint(str(tmp_path / "ds"), tag="t")
+        assert not marker.exists()

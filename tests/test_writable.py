@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from medusa_ray.config import build_config, check_local_model
+from medusa_ray.config import build_config
+from medusa_ray.paths import check_local_model
 from medusa_ray.errors import UserError
 from medusa_ray.writable import check_writable
 
@@ -51,7 +52,7 @@ def test_stages_check_their_outputs_before_working(tmp_path, random_tiny_model):
     with pytest.raises(UserError, match="train.storage_path=.*cannot write there"):
         train.run(cfg)
     with pytest.raises(UserError, match="eval.output_json=.*cannot write there"):
-        evaluate.run(cfg, medusa_dir=str(heads))
+        evaluate.run(cfg, draft_dir=str(heads))
 
 
 def test_eval_prints_its_results_before_writing_them(tmp_path, monkeypatch, capsys):
@@ -62,7 +63,7 @@ def test_eval_prints_its_results_before_writing_them(tmp_path, monkeypatch, caps
     (heads / "config.json").write_text(json.dumps({"medusa_num_heads": 2}))
     results = {"num_prompts": 4, "num_speculative_tokens": 2, "acceptance_length": 1.75,
                "accepted_per_position": [0.5, 0.25], "num_drafts": 8, "tokens_per_s_base": 10.0,
-               "tokens_per_s_medusa": 15.0, "speedup": 1.5, "outputs_identical": True, "errors": []}
+               "tokens_per_s_draft": 15.0, "method": "medusa", "speedup": 1.5, "outputs_identical": True, "errors": []}
     monkeypatch.setattr(cluster, "run_task", lambda *a, **k: dict(results))
 
     def disk_full(*args):
@@ -71,7 +72,7 @@ def test_eval_prints_its_results_before_writing_them(tmp_path, monkeypatch, caps
     monkeypatch.setattr(evaluate, "_save", disk_full)
     cfg = build_config({}, [f"eval.prompts={tmp_path}/p.jsonl", f"eval.output_json={tmp_path}/eval.json"])
     with pytest.raises(OSError, match="No space"):
-        evaluate.run(cfg, medusa_dir=str(heads))
+        evaluate.run(cfg, draft_dir=str(heads))
     assert "1.750" in capsys.readouterr().out  # the hour of decoding is on screen even so
 
 

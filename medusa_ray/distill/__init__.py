@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medusa_ray.cluster import init_ray, verbose
+from medusa_ray.cluster import init_ray
+from medusa_ray.logs import verbose
 from medusa_ray.config import Config
 from medusa_ray.data import input_units
 from medusa_ray.distill.conversation import plan_rounds
@@ -68,7 +69,7 @@ class DistillSummary:
     nodes: list[str] = field(default_factory=list)
     """Ray node ids of the vLLM replicas that generated (empty for an endpoint)."""
 
-    def table(self) -> str:
+    def summary(self) -> str:
         rows = [
             ("conversations in", self.rows_in),
             ("already done (skipped)", self.skipped),
@@ -149,7 +150,6 @@ def _distill(cfg: Config) -> DistillSummary:
         output_dir=str(out),
         nodes=nodes,
     )
-    print(summary.table(), flush=True)
     return summary
 
 

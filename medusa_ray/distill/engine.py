@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from medusa_ray.cluster import verbose
+from medusa_ray.logs import verbose
 from medusa_ray.config import Config
 from medusa_ray.paths import check_local_model
 from medusa_ray.errors import UserError

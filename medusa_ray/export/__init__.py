@@ -1,62 +1,75 @@
-"""export: turn a training checkpoint into a directory that vLLM and TGI load, optionally push it.
+"""export: turn a training checkpoint into a directory that vLLM (and, for Medusa, TGI) loads; optionally push it.
 
     medusa-ray export [--checkpoint CKPT] [--output DIR] [--push-to-hub ORG/NAME] [--private] [--overwrite]
 
-The export dir holds ``medusa_lm_head.safetensors`` (FasterDecoding/TGI keys), ``config.json`` (read by both
-servers; see ``writer`` for the exact rules), the base tokenizer, ``README.md`` (model card) and
-``medusa_ray_export.json`` (where it came from). ``share_lm_head`` heads are written with a copy of the base
-``lm_head`` as every head's projection, the one layout both servers accept.
+The export dir holds the drafter's own files (``Drafter.export_files``: Medusa's ``medusa_lm_head.safetensors``
+and ``config.json``, EAGLE-3's speculators layout), ``README.md`` (model card) and ``medusa_ray_export.json`` (where
+it came from). ``run`` returns an ``ExportResult``; its ``summary()`` is what the CLI prints.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from medusa_ray import checkpoint, drafters
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
-from medusa_ray.locks import hold
-from medusa_ray.writable import check_writable
 from medusa_ray.export.card import write_model_card
-from medusa_ray.export.checkpoint import check_heads, is_remote, local_checkpoint, read_heads, read_meta
+from medusa_ray.export.files import CARD_FILE, COMPARISON_FILE, EVAL_FILE, EXPORT_FORMAT, MARKER_FILE, read_marker
 from medusa_ray.export.hub import HubTarget, prepare_push, upload
-from medusa_ray.export.public import public_meta, redact, source_id
-from medusa_ray.export.writer import (
-    COMPARISON_FILE,
-    EVAL_FILE,
-    EXPORT_FORMAT,
-    MARKER_FILE,
-    WEIGHTS_FILE,
-    base_dtype,
-    check_base,
-    head_tensors,
-    medusa_config,
-    read_marker,
-    resolve_base,
-    write_export,
-    write_medusa_files,
-)
+from medusa_ray.export.public import public_eval, public_meta, redact, source_id
+from medusa_ray.export.writer import base_dtype, check_base, resolve_base, write_export
+from medusa_ray.locks import hold
+from medusa_ray.paths import is_remote
+from medusa_ray.writable import check_writable
 
-__all__ = ["run", "write_model_card", "COMPARISON_FILE", "EVAL_FILE", "MARKER_FILE", "WEIGHTS_FILE"]
+__all__ = ["run", "ExportResult", "record_eval", "record_comparison", "read_marker", "write_model_card",
+           "COMPARISON_FILE", "EVAL_FILE", "MARKER_FILE"]
 
 log = logging.getLogger(__name__)
 
 
-def _checkpoint_path(cfg: Config, checkpoint: str | None) -> str:
-    if checkpoint:
-        return checkpoint if is_remote(checkpoint) else str(Path(checkpoint).expanduser().resolve())
-    from medusa_ray.train.checkpoints import best_checkpoint, run_checkpoints, validation_score
+@dataclass
+class ExportResult:
+    path: Path
+    """The export directory."""
+    marker: dict
+    """Its ``medusa_ray_export.json``: source, base model, dtype, the checkpoint's public meta."""
+    checkpoint: str
+    hub_url: str | None = None
+    reused: bool = False
+    """True when the directory already held exactly this export (nothing was rewritten)."""
 
-    found = run_checkpoints(cfg.train.storage_path, cfg.train.run_name)
-    best = best_checkpoint(found)
+    def summary(self) -> str:
+        meta = self.marker["meta"]
+        drafter = drafters.get(meta.get("method", "medusa"))
+        size = (self.path / drafter.weights_file).stat().st_size / 2**20
+        rows = [
+            ("export", f"{self.path}{' (already up to date)' if self.reused else ''}"),
+            ("base model", self.marker["base_model"]),
+            ("checkpoint", f"{self.checkpoint} (step {meta['global_step']})"),
+            drafter.describe(meta),
+            ("weights", f"{drafter.weights_file} {size:.1f} MiB {self.marker['dtype']}"),
+        ]
+        if self.hub_url:
+            rows.append(("hub", self.hub_url))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _checkpoint_path(cfg: Config, given: str | None) -> str:
+    if given:
+        return given if is_remote(given) else str(Path(given).expanduser().resolve())
+    found = checkpoint.run_checkpoints(cfg.train.storage_path, cfg.train.run_name)
+    best = checkpoint.best_checkpoint(found)
     if best is None:
         raise UserError(f"no checkpoint found for run {cfg.train.run_name!r} under {cfg.train.storage_path}; "
                         "train first or pass --checkpoint")
-    score = validation_score(best)
-    why = (f"best validation expected acceptance {score:.3f} of {len(found)} checkpoint(s)" if score is not None
-           else "the latest; no checkpoint has a validation score")
+    why = (f"best validation expected acceptance {best.score:.3f} of {len(found)} checkpoint(s)"
+           if best.score is not None else "the latest; no checkpoint has a validation score")
     print(f"exporting step {best.step} of run {cfg.train.run_name!r}: {why}", flush=True)
     return best.uri if is_remote(best.uri) else str(Path(best.uri).resolve())
 
@@ -82,33 +95,9 @@ def _check_output(out: Path, source: dict, overwrite: bool) -> bool:
                     f"step {theirs.get('global_step')}); pass --overwrite to replace it")
 
 
-def _print_summary(out: Path, marker: dict, checkpoint: str, hub_url: str | None, reused: bool) -> None:
-    meta = marker["meta"]
-    if meta.get("method") == "eagle3":
-        from medusa_ray.export import eagle3
-
-        weights, drafter = eagle3.WEIGHTS_FILE, ("drafter", eagle3.describe(meta))
-    else:
-        weights = WEIGHTS_FILE
-        drafter = ("heads x layers", f"{meta['medusa_num_heads']} x {meta['medusa_num_layers']}"
-                                     f"{' (shared lm_head)' if meta['share_lm_head'] else ''}")
-    size = (out / weights).stat().st_size / 2**20
-    rows = [
-        ("export", f"{out}{' (already up to date)' if reused else ''}"),
-        ("base model", marker["base_model"]),
-        ("checkpoint", f"{checkpoint} (step {meta['global_step']})"),
-        drafter,
-        ("weights", f"{weights} {size:.1f} MiB {marker['dtype']}"),
-    ]
-    if hub_url:
-        rows.append(("hub", hub_url))
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-
-
 def _push(out: Path, marker: dict, hub: HubTarget) -> str:
     """Name the Hub repo in the card's serve commands, upload; if the upload fails, put the files back."""
-    saved = {name: (out / name).read_bytes() for name in (MARKER_FILE, "README.md") if (out / name).is_file()}
+    saved = {name: (out / name).read_bytes() for name in (MARKER_FILE, CARD_FILE) if (out / name).is_file()}
     if marker.get("location") != hub.repo_id:
         marker["location"] = hub.repo_id
         (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
@@ -129,11 +118,11 @@ def output_dir(cfg: Config) -> Path:
     return Path(cfg.export.output_dir).expanduser().resolve()
 
 
-def run(cfg: Config, checkpoint: str | None = None) -> Path:
-    """Export the heads of ``checkpoint`` (default: the best of ``train.run_name``) to ``export.output_dir``.
+def run(cfg: Config, checkpoint: str | None = None) -> ExportResult:
+    """Export the drafter of ``checkpoint`` (default: the best of ``train.run_name``) to ``export.output_dir``.
 
     Writing runs as a Ray task on a worker node when Ray is up (the job driver's head node has no memory
-    to spare); the push and the summary happen here.
+    to spare); the push happens here.
     """
     ckpt_path = _checkpoint_path(cfg, checkpoint)
     out = output_dir(cfg)
@@ -144,7 +133,7 @@ def run(cfg: Config, checkpoint: str | None = None) -> Path:
         return _export(cfg, ckpt_path, out, hub)
 
 
-def _export(cfg: Config, ckpt_path: str, out: Path, hub: HubTarget | None) -> Path:
+def _export(cfg: Config, ckpt_path: str, out: Path, hub: HubTarget | None) -> ExportResult:
     from medusa_ray.cluster import run_task
 
     reused = run_task(write, cfg.to_dict(), ckpt_path, str(out), name="medusa-ray-export", num_cpus=1)
@@ -152,38 +141,32 @@ def _export(cfg: Config, ckpt_path: str, out: Path, hub: HubTarget | None) -> Pa
     if marker is None:
         raise UserError(f"export output {out} was written on a node whose filesystem this process does not see; "
                         "put export.output_dir on storage every node shares")
-    hub_url = None
-    if hub is not None:
-        hub_url = _push(out, marker, hub)
-    _print_summary(out, marker, ckpt_path, hub_url, reused)
-    return out
+    hub_url = _push(out, marker, hub) if hub is not None else None
+    return ExportResult(path=out, marker=marker, checkpoint=ckpt_path, hub_url=hub_url, reused=reused)
 
 
 def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
-    """Write the heads of ``ckpt_path`` into ``out_dir``; False when ``out_dir`` already holds exactly this export."""
+    """Write the drafter of ``ckpt_path`` into ``out_dir``; False when ``out_dir`` already holds exactly this
+    export."""
     from medusa_ray.cluster import node_id
 
     cfg = Config.model_validate(cfg_dict)
     out = Path(out_dir)
-    with local_checkpoint(ckpt_path) as ckpt:
-        meta = read_meta(ckpt)
-        source = {"checkpoint": redact(ckpt_path), "id": source_id(ckpt_path), "global_step": int(meta["global_step"])}
+    with checkpoint.local_copy(ckpt_path) as ckpt:
+        meta = checkpoint.read_meta(ckpt)
+        where = str(Path(ckpt) / checkpoint.META_FILE)
+        drafter = drafters.get(meta.method)
+        meta.require(drafter.meta_keys, where)
+        flat = meta.flat()
+        source = {"checkpoint": redact(ckpt_path), "id": source_id(ckpt_path), "global_step": meta.global_step}
         if _check_output(out, source, cfg.export.overwrite):
             return True
-        base_name, base_cfg = resolve_base([meta["base_model"], cfg.model])
-        check_base(meta, base_name, base_cfg)
-        state_dict = read_heads(ckpt)
+        base_name, base_cfg = resolve_base([meta.base_model, cfg.model])
+        check_base(flat, base_name, base_cfg)
+        weights = checkpoint.read_weights(ckpt)
+        drafter.check_weights(weights, flat, ckpt)
         dtype = base_dtype(base_cfg)
-        if meta["method"] == "eagle3":
-            from medusa_ray.export import eagle3
-
-            draft = eagle3.draft_from_checkpoint(state_dict, meta, base_name)
-            files = functools.partial(eagle3.write_files, draft=draft, dtype=dtype)
-        else:
-            check_heads(state_dict, meta, ckpt)
-            tensors = head_tensors(state_dict, meta, base_name, dtype)
-            files = functools.partial(write_medusa_files, tensors=tensors, config=medusa_config(meta, base_name),
-                                      base_name=base_name)
+        files = drafter.export_files(weights, flat, base_name, dtype)
         marker = {
             "format": EXPORT_FORMAT,
             "source": source,
@@ -191,7 +174,30 @@ def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
             "dtype": str(dtype).removeprefix("torch."),
             "location": cfg.export.push_to_hub or str(out),
             "node_id": node_id(),
-            "meta": public_meta(meta),
+            # The drafter's own shape keys are numbers it describes itself by: public whatever the drafter.
+            "meta": public_meta(flat) | {"method": meta.method} | {k: flat[k] for k in drafter.meta_keys},
         }
         write_export(out, marker, files)
     return False
+
+
+def record_eval(export_dir: Path, results: dict) -> None:
+    """Eval's numbers into the export (only what may be published: no outputs, no paths) and a refreshed card,
+    under the export's lock (an export being rewritten is not annotated half-way)."""
+    _record(Path(export_dir), EVAL_FILE, public_eval(results))
+
+
+def record_comparison(export_dir: Path, table: dict) -> None:
+    """The pipeline's side-by-side numbers of several drafters into the export, and a refreshed card."""
+    _record(Path(export_dir), COMPARISON_FILE, table)
+
+
+def _record(export_dir: Path, name: str, content: dict) -> None:
+    with hold(export_dir, "export"):
+        if read_marker(export_dir) is None:
+            raise UserError(f"{export_dir} holds no medusa-ray export; not writing {name} into it")
+        path = export_dir / name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
+        tmp.replace(path)
+        write_model_card(export_dir)

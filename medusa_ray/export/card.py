@@ -1,4 +1,4 @@
-"""The export's ``README.md``: what the heads are, what they were trained on, how well they do, how to serve them.
+"""The export's ``README.md``: what the drafter is, what it was trained on, how well it does, how to serve it.
 
 Rendered only from files inside the export dir (``medusa_ray_export.json`` and, once ``eval`` has run on
 it, ``eval_results.json``), so ``evaluate`` can refresh it after measuring acceptance.
@@ -11,9 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medusa_ray.export.writer import COMPARISON_FILE, EVAL_FILE, MARKER_FILE, is_local_path
+from medusa_ray import drafters
+from medusa_ray.export.files import CARD_FILE, COMPARISON_FILE, EVAL_FILE, MARKER_FILE
+from medusa_ray.paths import looks_local
 
-_METRIC = re.compile(r"^(?:medusa|eagle3_step)(\d+)_(loss|top\d+|accept)$")
+_METRIC = re.compile(r"^\w*?(\d+)_(loss|top\d+|accept)$")  # a drafter's per-position metric, position k
 
 
 def _fmt(value: Any) -> str:
@@ -44,7 +46,7 @@ def _eval_section(results: dict[str, Any]) -> list[str]:
         ("acceptance rate per position", results.get("accepted_per_position")),
         ("drafts", results.get("num_drafts")),
         ("tokens/s without speculation", results.get("tokens_per_s_base")),
-        ("tokens/s with the draft", results.get("tokens_per_s_medusa")),
+        ("tokens/s with the draft", results.get("tokens_per_s_draft", results.get("tokens_per_s_medusa"))),
         ("speed-up", results.get("speedup")),
         ("outputs identical to plain decoding", results.get("outputs_identical")),
         ("prompts", results.get("num_prompts")),
@@ -67,7 +69,7 @@ def _eval_section(results: dict[str, Any]) -> list[str]:
 def _comparison_section(comparison: dict[str, Any], this: str) -> list[str]:
     fastest = comparison["fastest"]
     verdict = "This draft was the faster." if fastest == this else f"`{fastest}` was faster; this is `{this}`."
-    lines = ["## Medusa or EAGLE-3?", "",
+    lines = ["## Which drafter?", "",
              f"Trained on the same distilled data and measured by vLLM on the same held-back prompts. {verdict}", "",
              "| drafter | validation estimate | acceptance length | untrained | speed-up | training tokens/s |",
              "|---|---|---|---|---|---|"]
@@ -83,43 +85,14 @@ def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None,
                       comparison: dict[str, Any] | None = None) -> str:
     meta = marker["meta"]
     base = marker["base_model"]
-    eagle3 = meta.get("method") == "eagle3"
+    drafter = drafters.get(meta.get("method", "medusa"))
     data = meta.get("data") or {}
     train_cfg = (meta.get("config") or {}).get("train", {})
-    front = ["---", "tags:", "- eagle3" if eagle3 else "- medusa", "- speculative-decoding", "- medusa-ray"]
-    if not is_local_path(base):
+    front = ["---", "tags:", f"- {drafter.method}", "- speculative-decoding", "- medusa-ray"]
+    if not looks_local(base):
         front.append(f"base_model: {base}")
     front.append("---")
-    if eagle3:
-        lines = front + [
-            "",
-            f"# EAGLE-3 draft for `{base}`",
-            "",
-            f"One decoder layer trained with medusa-ray on the base model's own outputs. It reads the base's hidden "
-            f"states at layers {meta['eagle3_layer_ids']} and drafts {meta['eagle3_ttt_steps']} tokens a step from "
-            f"a vocabulary of the {meta['eagle3_draft_vocab_size']} tokens the base most often says; the base "
-            "verifies them. Greedy outputs are unchanged; decoding gets faster when drafts are accepted.",
-            "",
-            "Files: `config.json` and `model.safetensors` in the layout of vLLM's `speculators` library "
-            "(`speculators_model_type: eagle3`, with the `d2t`/`t2d` vocabulary maps), which vLLM loads directly.",
-        ]
-    else:
-        lines = front + [
-            "",
-            f"# Medusa heads for `{base}`",
-            "",
-            f"{meta['medusa_num_heads']} Medusa heads ({meta['medusa_num_layers']} residual block(s) each) trained "
-            "with medusa-ray on the base model's own outputs. Head k predicts the token k+2 positions ahead; the "
-            "base model's `lm_head` still predicts the next one. Greedy outputs are unchanged; decoding gets "
-            "faster when drafts are accepted.",
-            "",
-            "Files: `medusa_lm_head.safetensors` (FasterDecoding/TGI layout: `{k}.{j}.linear.weight|bias`, "
-            "`{k}.{L}.weight`), `config.json` (read by both vLLM and TGI), the base model's tokenizer.",
-        ]
-    if meta.get("share_lm_head"):
-        lines += ["", "These heads were trained with `share_lm_head`: each head projects through the frozen base "
-                  "`lm_head`. Both servers expect one vocab projection per head, so `{k}.{L}.weight` holds a copy "
-                  "of the base `lm_head` for every head."]
+    lines = front + [""] + drafter.card(meta, base)
     lines += ["", "## Data", "", "| | |", "|---|---|",
               f"| base model | `{base}` |",
               f"| source | `{data.get('source', 'unknown')}` |",
@@ -129,15 +102,13 @@ def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None,
               f"| optimizer steps | {meta['global_step']} |",
               f"| DeepSpeed ZeRO stage | {meta['zero_stage']} |",
               f"| workers | {meta['world_size']} |"]
-    drafter_keys = ("eagle3_ttt_steps", "eagle3_draft_vocab_size") if eagle3 else (
-        "medusa_num_heads", "medusa_num_layers", "share_lm_head")
-    for key in drafter_keys + ("head_decay", "lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
+    for key in drafter.card_keys() + ("head_decay", "lr", "batch_size", "grad_accum", "max_length", "warmup_ratio",
                                "max_steps", "epochs", "weight_decay", "seed"):
         if train_cfg.get(key) is not None:
             lines.append(f"| {key} | {train_cfg[key]} |")
-    unit = "draft step" if eagle3 else "head"
+    unit = "draft step" if drafter.position == "step" else drafter.position
     lines += ["", f"Final metrics per {unit} (last training step):", ""]
-    lines += _head_metrics_table(meta.get("metrics") or {}, "step" if eagle3 else "head")
+    lines += _head_metrics_table(meta.get("metrics") or {}, drafter.position)
     lines += [""]
     validation = meta.get("validation")
     if validation:
@@ -148,16 +119,22 @@ def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None,
     if results:
         lines += _eval_section(results)
     if comparison:
-        lines += _comparison_section(comparison, "eagle3" if eagle3 else "medusa")
-    lines += _serve_section(marker, eagle3)
+        lines += _comparison_section(comparison, drafter.method)
+    lines += _serve_section(marker, drafter)
     return "\n".join(lines)
 
 
-def _serve_section(marker: dict[str, Any], eagle3: bool) -> list[str]:
+class _MetaKeys:
+    """A checkpoint meta read as the ``train`` section its drafter's keys come from."""
+
+    def __init__(self, meta: dict[str, Any]):
+        self.__dict__.update(meta)
+
+
+def _serve_section(marker: dict[str, Any], drafter) -> list[str]:
     meta, base, location = marker["meta"], marker["base_model"], marker["location"]
-    k = meta["eagle3_ttt_steps"] if eagle3 else meta["medusa_num_heads"]
-    speculative = json.dumps({"method": "eagle3" if eagle3 else "medusa", "model": location,
-                              "num_speculative_tokens": k})
+    k = drafter.num_positions(_MetaKeys(meta))
+    speculative = json.dumps(drafter.speculative_config(location, k))
     lines = [
         "## Serve it",
         "",
@@ -176,17 +153,18 @@ def _serve_section(marker: dict[str, Any], eagle3: bool) -> list[str]:
         "```",
         "",
     ]
-    if eagle3:
-        return lines + ["TGI does not serve EAGLE drafts; for TGI, train Medusa heads (`train.method=medusa`).", ""]
+    if not drafter.serves_with_tgi:
+        return lines + [f"TGI does not serve this drafter ({drafter.title}); for TGI, train Medusa heads "
+                        "(`train.method=medusa`).", ""]
     lines += [
         "TGI (loads the base model from `base_model_name_or_path` in `config.json`):",
         "",
         "```bash",
     ]
-    if is_local_path(location):
+    if looks_local(location):
         lines.append(f"docker run --gpus all --shm-size 1g -p 8080:80 -v {location}:/medusa "
                      f"-v {base}:{base} ghcr.io/huggingface/text-generation-inference:latest --model-id /medusa"
-                     if is_local_path(base) else
+                     if looks_local(base) else
                      f"docker run --gpus all --shm-size 1g -p 8080:80 -v {location}:/medusa "
                      "ghcr.io/huggingface/text-generation-inference:latest --model-id /medusa")
     else:
@@ -205,7 +183,7 @@ def write_model_card(export_dir: str | Path) -> Path:
         results = json.loads((export_dir / EVAL_FILE).read_text())
     if (export_dir / COMPARISON_FILE).is_file():
         comparison = json.loads((export_dir / COMPARISON_FILE).read_text())
-    path = export_dir / "README.md"
+    path = export_dir / CARD_FILE
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(render_model_card(marker, results, comparison))
     tmp.replace(path)

@@ -86,7 +86,7 @@ def _library():
     for ``--verbose`` only."""
     from loguru import logger
 
-    from medusa_ray.cluster import verbose
+    from medusa_ray.logs import verbose
 
     (logger.enable if verbose() else logger.disable)("speculators")
 

@@ -1,9 +1,10 @@
-"""train: Medusa heads on the frozen base model with Ray Train + DeepSpeed.
+"""train: a drafter (``train.method``) on the frozen base model with Ray Train + DeepSpeed.
 
 ``run(cfg)`` checks everything it can on the driver (data, base model, DeepSpeed JSON, an existing
-checkpoint of the same run), then starts a ``TorchTrainer`` whose workers run ``worker.train_loop``.
-A re-run with the same ``train.run_name`` and ``train.storage_path`` continues from the run's latest
-checkpoint (Ray Train V2 restores it from the run directory).
+checkpoint of the same run), then starts a ``TorchTrainer`` whose workers run ``worker.train_loop``, and
+returns a ``TrainResult`` (``summary()`` is the table the CLI prints). A re-run with the same
+``train.run_name`` and ``train.storage_path`` continues from the run's latest checkpoint (Ray Train V2
+restores it from the run directory).
 """
 
 from __future__ import annotations
@@ -16,25 +17,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medusa_ray import faults, progress
+from medusa_ray import drafters, faults, progress
+from medusa_ray.checkpoint import best_checkpoint, find_latest_checkpoint, run_checkpoints, worker_nodes
 from medusa_ray.config import Config
-from medusa_ray.paths import check_local_model
 from medusa_ray.errors import UserError
 from medusa_ray.locks import hold
-from medusa_ray.writable import check_writable
+from medusa_ray.paths import check_local_model, join
 from medusa_ray.train import run_files
-from medusa_ray.train.checkpoints import (
-    best_checkpoint,
-    find_latest_checkpoint,
-    join,
-    run_checkpoints,
-    worker_nodes,
-)
 from medusa_ray.train.worker import Schedule
+from medusa_ray.writable import check_writable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "run", "run_location", "find_latest_checkpoint"]
+__all__ = ["TrainResult", "run", "run_location", "local_run_dir", "plan_schedule", "find_latest_checkpoint"]
 
 
 @dataclass
@@ -65,10 +60,57 @@ class TrainResult:
     """Training throughput of the last attempt, all workers, over its optimizer steps (validation excluded)."""
     peak_memory_mib: float | None = None
     """Rank 0's peak during training: GPU memory allocated on a GPU, resident memory on CPU."""
+    method: str = "medusa"
+    train_cfg: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The ``train`` section the run used (the summary's labels and loss weights)."""
+
+    def _positions(self) -> list[str]:
+        cfg = Config.model_validate({"train": self.train_cfg})
+        drafter = drafters.get(self.method)
+        return [drafter(cfg).name(k) for k in range(drafter.num_positions(cfg.train))]
+
+    def top1(self) -> list[float]:
+        """Per draft position: top-1 on the best checkpoint's validation rows, else the last training batch's."""
+        if self.best_validation.get("top1"):
+            return list(self.best_validation["top1"])
+        return [float(self.metrics.get(f"{name}_top1", float("nan"))) for name in self._positions()]
+
+    def summary(self) -> str:
+        """Per draft position: the last batch's loss and accuracy, and (with a validation split) held-out top-1;
+        the checkpoints and plots."""
+        drafter = drafters.get(self.method)
+        t = Config.model_validate({"train": self.train_cfg}).train
+        cols = drafter.summary_columns(t)
+        val_top1 = self.validation.get("top1") or []
+        head = f"{drafter.position:>4}  {'predicts':>8}  {'weight':>6}  {'loss':>7}  " + \
+            "  ".join(f"{c:>6}" for c in cols)
+        lines = [head + ("  val top1" if val_top1 else "")]
+        for k, name in enumerate(self._positions()):
+            loss = self.metrics.get(f"{name}_loss", float("nan"))
+            accs = "  ".join(f"{self.metrics.get(f'{name}_{c}', float('nan')):>6.3f}" for c in cols)
+            val = f"  {val_top1[k]:>8.3f}" if k < len(val_top1) else ""
+            lines.append(f"{k:>4}  {'t+' + str(k + 2):>8}  {t.head_decay**k:>6.3f}  {loss:>7.4f}  {accs}{val}")
+        stop = " (stopped early: validation stopped improving)" if self.stopped_early else ""
+        out = [f"trained {drafter.title}: step {self.global_step}{stop}, loss "
+               f"{self.metrics.get('loss', float('nan')):.4f}, {self.metrics.get('tokens_per_s', float('nan')):.0f} "
+               "tokens/s", *lines]
+        v = self.validation
+        if v:
+            out.append(f"validation expected acceptance {v['expected_acceptance']:.3f} on {v['rows']} held-back "
+                       f"conversations (best {v['best_expected_acceptance']:.3f} at step {v['best_step']}; an "
+                       "estimate of vLLM's acceptance length)")
+        if self.data.get("bad_rows"):
+            out.append(f"skipped {self.data['bad_rows']} rows that cannot be trained on, e.g. "
+                       + "; ".join(self.data.get("bad_examples", [])[:3]))
+        out.append(f"checkpoint: {self.checkpoint}")
+        if self.best_checkpoint and self.best_checkpoint != self.checkpoint:
+            out.append(f"best checkpoint: {self.best_checkpoint} (what export picks)")
+        out += [f"plot: {plot}" for plot in self.plots]
+        return "\n".join(out)
 
 
 def run(cfg: Config) -> TrainResult:
-    """Train the heads; return the final checkpoint, its global step and its metrics."""
+    """Train the drafter; return the final checkpoint, its global step and its metrics."""
     from medusa_ray.train.data import check_schema, list_data_files
 
     cfg = _resolve_paths(cfg)
@@ -112,18 +154,15 @@ def _train(cfg: Config, files: list[str], hidden_size: int, vocab_size: int, loc
     use_gpu = t.use_gpu if t.use_gpu != "auto" else resolve_accelerator("auto", "train.use_gpu") == "gpu"
     how = (f"{schedule.total_steps} steps" if not schedule.early_stopping else
            f"up to {schedule.total_steps} steps, stopping when validation stops improving")
-    vocab = None
-    if t.method == "eagle3":
-        from medusa_ray.train.drafters import eagle3_vocab
+    drafter = drafters.get(t.method)
+    prepared = None
+    if drafter.needs_preparation:  # a pass over every training row: a worker's job, not the driver's
+        from medusa_ray.train.worker import prepare_drafter
 
-        vocab = run_task(eagle3_vocab, cfg.to_dict(), plan.to_dict(), name="medusa-ray-eagle3-vocab")
-        what = (f"an EAGLE-3 draft ({t.eagle3_ttt_steps} steps, layers {vocab['layer_ids']}, draft vocabulary "
-                f"{vocab['draft_vocab_size']} covering {vocab['coverage']:.1%} of reply tokens)")
-    else:
-        what = f"{t.medusa_num_heads} Medusa heads"
-    print(f"training {what} on {plan.train_rows} conversations ({plan.val_rows} held back for validation), "
-          f"{how}, {t.num_workers} worker(s), ZeRO {t.zero_stage}", flush=True)
-    return _fit(cfg, plan, schedule, location, use_gpu, vocab)
+        prepared = run_task(prepare_drafter, cfg.to_dict(), plan.to_dict(), name=f"medusa-ray-{t.method}-prepare")
+    print(f"training {drafter.describe_training(t, prepared)} on {plan.train_rows} conversations ({plan.val_rows} "
+          f"held back for validation), {how}, {t.num_workers} worker(s), ZeRO {t.zero_stage}", flush=True)
+    return _fit(cfg, plan, schedule, location, use_gpu, prepared)
 
 
 def _render(state: dict[str, Any]) -> tuple[int, int | None, str]:
@@ -133,13 +172,12 @@ def _render(state: dict[str, Any]) -> tuple[int, int | None, str]:
     return state["step"], state["total"], postfix
 
 
-def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, vocab) -> TrainResult:
+def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, prepared) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-
-    from medusa_ray.cluster import verbose
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from medusa_ray.cluster import torch_backend
+    from medusa_ray.logs import verbose
     from medusa_ray.train.worker import train_loop
 
     t = cfg.train
@@ -150,7 +188,7 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, vo
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "schedule": asdict(schedule),
-                               "run_dir": location, "board": board, "vocab": vocab,
+                               "run_dir": location, "board": board, "prepared": prepared,
                                "faults": faults.active()},
             torch_config=TorchConfig(backend=torch_backend(bool(use_gpu))),
             # SPREAD: one worker per node where possible, so workers don't contend for one node's GPUs and bus.
@@ -180,19 +218,18 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, vo
     checkpoint, meta = found[-1].uri, found[-1].meta
     best = best_checkpoint(found)
     out = result.return_value or {}
-    metrics = out.get("metrics") or meta.get("metrics") or dict(result.metrics or {})
-    validation = out.get("validation") or meta.get("validation") or {}
-    global_step = int(meta.get("global_step", metrics.get("step", 0)))
+    metrics = out.get("metrics") or meta.metrics or dict(result.metrics or {})
+    validation = out.get("validation") or meta.validation or {}
     plots = [join(location, Path(p).name) for p in out.get("plots") or []]
     state = out.get("progress") or {}
-    _print_summary(metrics, validation, t, global_step, checkpoint, best, state, plots)
-    return TrainResult(checkpoint=checkpoint, global_step=global_step, metrics=metrics,
-                       resumed_from=int(out.get("resumed_from", global_step)), run_dir=location,
+    return TrainResult(checkpoint=checkpoint, global_step=meta.global_step, metrics=metrics,
+                       resumed_from=int(out.get("resumed_from", meta.global_step)), run_dir=location,
                        plot=plots[0] if plots else None, plots=plots,
-                       data=meta.get("data", {}), nodes=worker_nodes(checkpoint), validation=validation,
-                       best_checkpoint=best.uri, best_validation=best.meta.get("validation") or {},
+                       data=meta.data, nodes=worker_nodes(checkpoint), validation=validation,
+                       best_checkpoint=best.uri, best_validation=best.meta.validation or {},
                        stopped_early=bool(state.get("stopped_early")), peak_memory_mib=out.get("peak_memory_mib"),
-                       tokens_per_s=out.get("tokens_per_s"))
+                       tokens_per_s=out.get("tokens_per_s"), method=t.method,
+                       train_cfg=cfg.to_dict()["train"])
 
 
 def plan_schedule(t, train_rows: int) -> Schedule:
@@ -233,6 +270,11 @@ def run_location(cfg: Config) -> str:
     """``<train.storage_path>/<train.run_name>`` (a path or URI): checkpoints, tracker logs, metrics, plots."""
     cfg = _resolve_paths(cfg)
     return run_files.run_location(cfg.train.storage_path, cfg.train.run_name)
+
+
+def local_run_dir(cfg: Config) -> Path:
+    """Where this node keeps the run's files: the run directory, or this node's mirror of one in object storage."""
+    return run_files.local_dir(run_location(cfg))
 
 
 def _columns(files: list[str]) -> set[str]:
@@ -299,64 +341,22 @@ def _check_resumable(cfg: Config, hidden_size: int, vocab_size: int) -> None:
         return
     latest, meta = found[-1].uri, found[-1].meta
     # The drafter's own shape first (what a user changed), then the base it was trained on.
-    expected: dict[str, Any] = {"method": t.method}
-    if t.method == "eagle3":
-        expected.update(eagle3_ttt_steps=t.eagle3_ttt_steps,
-                        eagle3_draft_vocab_size=min(t.eagle3_draft_vocab_size, vocab_size))
-    else:
-        expected.update(medusa_num_heads=t.medusa_num_heads, medusa_num_layers=t.medusa_num_layers,
-                        share_lm_head=t.share_lm_head)
-    expected.update(hidden_size=hidden_size, vocab_size=vocab_size)
+    expected = drafters.get(t.method).shape(t, hidden_size, vocab_size)
+    flat = meta.flat()
     for key, value in expected.items():
-        theirs = meta.get(key, "medusa" if key == "method" else None)  # checkpoints before EAGLE-3: Medusa
+        theirs = flat.get(key)
         if theirs != value:
             raise UserError(
                 f"run {t.run_name!r} in {t.storage_path} has a checkpoint ({_name(latest)}) with {key}={theirs!r} "
                 f"but this config gives {value!r}; use another train.run_name to start a new run"
             )
-    if meta.get("zero_stage", 0) > 0 and meta.get("world_size") != t.num_workers:
+    if meta.zero_stage > 0 and meta.world_size != t.num_workers:
         raise UserError(
-            f"run {t.run_name!r}: checkpoint {_name(latest)} was written by {meta.get('world_size')} workers with ZeRO "
-            f"stage {meta.get('zero_stage')}; resume with train.num_workers={meta.get('world_size')}"
+            f"run {t.run_name!r}: checkpoint {_name(latest)} was written by {meta.world_size} workers with ZeRO "
+            f"stage {meta.zero_stage}; resume with train.num_workers={meta.world_size}"
         )
-    print(f"resuming run {t.run_name!r} from step {meta.get('global_step')} ({latest})", flush=True)
+    print(f"resuming run {t.run_name!r} from step {meta.global_step} ({latest})", flush=True)
 
 
 def _name(checkpoint: str) -> str:
     return checkpoint.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _print_summary(metrics: dict[str, Any], validation: dict[str, Any], t, step: int, ckpt: str, best,
-                   progress: dict[str, Any], plots: list[str]) -> None:
-    """Per draft position: the last batch's loss and accuracy, and (with a validation split) held-out top-1."""
-    val_top1 = validation.get("top1") or []
-    if t.method == "eagle3":
-        kind, label, names, cols = "EAGLE-3 draft", "step", [f"eagle3_step{k}" for k in range(t.eagle3_ttt_steps)], \
-            ["top1", "accept"]
-    else:
-        kind, label, names, cols = "Medusa heads", "head", [f"medusa{k}" for k in range(t.medusa_num_heads)], \
-            [f"top{i}" for i in range(1, t.topk + 1)]
-    head = f"{label:>4}  {'predicts':>8}  {'weight':>6}  {'loss':>7}  " + "  ".join(f"{c:>6}" for c in cols)
-    lines = [head + ("  val top1" if val_top1 else "")]
-    for k, name in enumerate(names):
-        loss = metrics.get(f"{name}_loss", float("nan"))
-        accs = "  ".join(f"{metrics.get(f'{name}_{c}', float('nan')):>6.3f}" for c in cols)
-        val = f"  {val_top1[k]:>8.3f}" if k < len(val_top1) else ""
-        lines.append(f"{k:>4}  {'t+' + str(k + 2):>8}  {t.head_decay**k:>6.3f}  {loss:>7.4f}  {accs}{val}")
-    stop = " (stopped early: validation stopped improving)" if progress.get("stopped_early") else ""
-    print(f"\ntrained {kind}: step {step}{stop}, loss {metrics.get('loss', float('nan')):.4f}, "
-          f"{metrics.get('tokens_per_s', float('nan')):.0f} tokens/s")
-    print("\n".join(lines))
-    if validation:
-        print(f"validation expected acceptance {validation['expected_acceptance']:.3f} on {validation['rows']} "
-              f"held-back conversations (best {validation['best_expected_acceptance']:.3f} at step "
-              f"{validation['best_step']}; an estimate of vLLM's acceptance length)")
-    if progress.get("bad_rows"):
-        print(f"skipped {progress['bad_rows']} rows that cannot be trained on, e.g. "
-              + "; ".join(progress.get("bad_examples", [])[:3]))
-    print(f"checkpoint: {ckpt}")
-    if best is not None and best.uri != ckpt:
-        print(f"best checkpoint: {best.uri} (what export picks)")
-    for plot in plots:
-        print(f"plot: {plot}")
-    print()

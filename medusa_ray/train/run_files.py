@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 from pathlib import Path
 
-from medusa_ray.train.checkpoints import is_remote, join
+from medusa_ray.paths import is_remote, join, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ def local_dir(location: str) -> Path:
     """Where this node writes the run's files: the run directory itself, or a mirror of a remote one."""
     if not is_remote(location):
         return Path(location)
+    # In this user's own directory: a shared temp dir is where another user could plant a run's files.
+    mirrors = private_dir(Path(tempfile.gettempdir()) / f"medusa-ray-runs-{os.getuid()}")
     key = hashlib.sha256(location.encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / "medusa-ray-runs" / key / location.rstrip("/").rsplit("/", 1)[-1]
+    return mirrors / key / location.rstrip("/").rsplit("/", 1)[-1]
 
 
 def pull(location: str) -> Path:

@@ -1,8 +1,13 @@
-"""The training loop that runs on every Ray Train worker: frozen base + MedusaHeads under DeepSpeed.
+"""The training loop that runs on every Ray Train worker: a frozen base and a drafter under DeepSpeed.
 
-Only the heads go to ``deepspeed.initialize``, so the optimizer, ZeRO partitioning and the checkpoint
-hold nothing but head parameters, under the heads' own state_dict keys. The base runs its decoder
-only (no lm_head, no logits) under ``no_grad`` to produce the last hidden state.
+Only the drafter goes to ``deepspeed.initialize``, so the optimizer, ZeRO partitioning and the checkpoint hold
+nothing but its parameters, under its own state_dict keys. The base runs its decoder only (no lm_head, no
+logits) under ``no_grad``; what the drafter reads of it is the drafter's business (``medusa_ray.drafters``).
+
+``Trainer`` is the loop, in the order a reader meets it: ``__init__`` sets up (base, drafter, engine, resume,
+tracker, validation rows), ``run`` goes over the epochs, ``step`` is one optimizer step, ``validate``,
+``checkpoint`` and ``finish``. A ``Session`` is what it needs from its surroundings: Ray Train's on a worker,
+a plain one without Ray (the GPU smoke test).
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medusa_ray import checkpoint, drafters
 from medusa_ray.config import Config
 from medusa_ray.data.chat import IGNORE_INDEX, BadRowError
-from medusa_ray.train import checkpoints
+from medusa_ray.drafters import Drafter, expected_acceptance
+from medusa_ray.logs import verbose
+from medusa_ray.train import run_files
 from medusa_ray.train.data import collate, tokenize_batch
 from medusa_ray.train.plan import DataPlan, RowReader, epoch_units, to_columns, validation_rows
 from medusa_ray.train.plan import batches as plan_batches
@@ -97,8 +105,8 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
             "type": "AdamW",
             "params": {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "torch_adam": True},
         },
-        # bf16 heads only where ZeRO keeps fp32 master weights and optimizer states (stages 1-3); at stage 0
-        # DeepSpeed would update bf16 weights directly, so the heads (small next to the base) stay fp32 there.
+        # A bf16 drafter only where ZeRO keeps fp32 master weights and optimizer states (stages 1-3); at stage 0
+        # DeepSpeed would update bf16 weights directly, so the drafter (small next to the base) stays fp32 there.
         "bf16": {"enabled": on_gpu and t.zero_stage > 0},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -114,8 +122,8 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
     return user
 
 
-def heads_dtype(ds_config: dict[str, Any]):
-    """The heads' parameter dtype that the DeepSpeed config trains: bf16/fp16 when it enables them, else fp32."""
+def drafter_dtype(ds_config: dict[str, Any]):
+    """The drafter's parameter dtype that the DeepSpeed config trains: bf16/fp16 when it enables them, else fp32."""
     import torch
 
     if ds_config.get("bf16", {}).get("enabled"):
@@ -139,19 +147,18 @@ def lr_lambda(warmup_steps: int, total_steps: int):
     return factor
 
 
-def init_engine(heads, ds_config: dict[str, Any], warmup_steps: int = 0, total_steps: int = 1):
-    """DeepSpeed engine over the heads only; our warmup + cosine schedule unless the config brings one."""
+def init_engine(module, ds_config: dict[str, Any], warmup_steps: int = 0, total_steps: int = 1):
+    """DeepSpeed engine over the drafter only; our warmup + cosine schedule unless the config brings one. Its
+    checkpoints load with ``weights_only`` (see ``SafeCheckpointEngine``)."""
     import deepspeed
     import torch
-
-    from medusa_ray.cluster import verbose
 
     if not verbose():
         # DeepSpeed narrates its config and every save at INFO on stdout through a handler of its own: hand its
         # records to this worker's logging, where INFO goes to the log file and warnings to the console.
         deepspeed.utils.logger.handlers.clear()
         deepspeed.utils.logger.propagate = True
-    params = [p for p in heads.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     scheduler = None
     if "scheduler" not in ds_config:
         factor = lr_lambda(warmup_steps, total_steps)
@@ -159,20 +166,42 @@ def init_engine(heads, ds_config: dict[str, Any], warmup_steps: int = 0, total_s
         def scheduler(optimizer):
             return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    engine, _, _, _ = deepspeed.initialize(model=heads, model_parameters=params, config=ds_config,
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config,
                                            lr_scheduler=scheduler)
+    engine.checkpoint_engine = safe_checkpoint_engine(engine.checkpoint_engine)
     return engine
 
 
-def forward_backward(engine, decoder, batch, cfg: Config, device, drafter=None):
-    """One micro-step: the drafter's loss (Medusa heads unless told), DeepSpeed backward + step."""
-    from medusa_ray.train.drafters import Medusa
+def safe_checkpoint_engine(stock):
+    """DeepSpeed's checkpoint engine, loading with ``torch.load(weights_only=True)``.
 
-    loss, stats, mask = (drafter or Medusa(cfg)).loss(engine, decoder, batch, device)
-    engine.backward(loss)
-    lr = float(engine.get_lr()[0])  # the rate this update uses (after step() it is the next one's)
-    engine.step()
-    return stats, int(mask.sum()), lr
+    Its own ``load`` unpickles with ``weights_only=False``, so whoever can write the run's storage (a shared
+    volume, a bucket) would run code on every worker at resume. What DeepSpeed saves is tensors, containers and
+    numbers plus a few of its own and torch's plain types, allow-listed here; anything else is refused by torch's
+    restricted unpickler. Only the stock engine is wrapped (a user's own is theirs)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(stock) is not TorchCheckpointEngine:
+        return stock
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            import torch
+
+            with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    stock.__class__ = SafeCheckpointEngine
+    return stock
+
+
+def _deepspeed_checkpoint_types() -> list:
+    """The non-tensor types in what DeepSpeed's ``save_checkpoint`` writes for our engines."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 class Collectives:
@@ -241,7 +270,7 @@ class RaySession(Session):
             ray.train.report(metrics)
             return
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
-                         checkpoint_dir_name=checkpoints.checkpoint_dir_name(step))
+                         checkpoint_dir_name=checkpoint.checkpoint_dir_name(step))
 
 
 def _usable(device):
@@ -272,10 +301,36 @@ class LocalSession(Session):
     def report(self, metrics, checkpoint_dir, step):
         if checkpoint_dir is None:
             return
-        target = self.checkpoint_root / checkpoints.checkpoint_dir_name(step)
+        target = self.checkpoint_root / checkpoint.checkpoint_dir_name(step)
         shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
         if target not in self.checkpoints:
             self.checkpoints.append(target)
+
+
+def forward_backward(engine, decoder, batch, drafter: Drafter, device):
+    """One micro-step: the drafter's loss, DeepSpeed backward + step. (stats, tokens, learning rate used)."""
+    loss, stats, mask = drafter.loss(engine, decoder, batch, device)
+    engine.backward(loss)
+    lr = float(engine.get_lr()[0])  # the rate this update uses (after step() it is the next one's)
+    engine.step()
+    return stats, int(mask.sum()), lr
+
+
+def prepare_drafter(cfg_dict: dict[str, Any], plan_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """The drafter's work over the training rows before the workers start (EAGLE-3: its draft vocabulary), as a
+    Ray task: it streams every training row's labels once, in the same order every time."""
+    cfg = Config.model_validate(cfg_dict)
+    drafter = drafters.get(cfg.train.method)
+    if not drafter.needs_preparation:
+        return None
+    plan = DataPlan.from_dict(plan_dict)
+    t = cfg.train
+
+    def label_rows():
+        for batch in plan_batches(epoch_units(plan, t.seed, 0, 0, 1), RowReader(plan.columns), 256):
+            yield from tokenize_batch(batch, cfg.model, t.max_length)["labels"]
+
+    return drafter.prepare(cfg, label_rows())
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -285,166 +340,278 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     logs.worker_setup()  # Ray Train gave this worker's root logger a console handler of its own
     return run_loop(Config.model_validate(config["cfg"]), RaySession(), DataPlan.from_dict(config["plan"]),
                     Schedule(**config["schedule"]), config["run_dir"], board=config.get("board"),
-                    vocab=config.get("vocab"), faults=config.get("faults"))
+                    prepared=config.get("prepared"), faults=config.get("faults"))
 
 
 def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, location: str,
-             board=None, vocab: dict[str, Any] | None = None, faults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train the heads on ``plan``'s rows for ``schedule``; validate, checkpoint, stop early.
+             board=None, prepared: dict[str, Any] | None = None, faults: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """Train the drafter on ``plan``'s rows for ``schedule``; validate, checkpoint, stop early (``Trainer``)."""
+    return Trainer(cfg, session, plan, schedule, location, board, prepared, faults).run()
 
-    ``location`` is the run's directory in its storage (a path or URI); rank 0 keeps the run's files there and
-    posts its progress to ``board`` (``medusa_ray.progress.Board``), from which the driver draws the bar.
-    """
-    import torch
 
-    from medusa_ray.train import run_files
+class StepStats:
+    """What micro-batches add up to until an optimizer step: the drafter's per-position stats and the counts.
+    ``reduce`` sums them over every rank in one collective."""
 
-    t = cfg.train
-    faults = faults or {}  # test hooks (medusa_ray.faults)
-    rank, world, device = session.rank, session.world, session.device
-    on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    collectives = Collectives(device)
+    def __init__(self, steps: int, width: int):
+        import torch
 
-    from medusa_ray.train.drafters import drafter as make_drafter
+        self.per_position = torch.zeros(steps, width, dtype=torch.float64)
+        self.tokens = self.rows = self.truncated = self.bad = 0
+        self.bad_examples: list[str] = []  # this rank's, for the error message
 
-    ds_config = deepspeed_config(cfg, on_gpu)
-    drafter = make_drafter(cfg, vocab)
-    base = load_base(cfg, device, dtype)
-    heads = drafter.build(base, device, heads_dtype(ds_config))
-    decoder = decoder_of(base)
-    drafter.attach(decoder)
-    trainable = sum(p.numel() for p in heads.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
-    engine = init_engine(heads, ds_config, schedule.warmup_steps, schedule.total_steps)
-    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    def add(self, stats, tokens: int, rows: int, truncated: int) -> None:
+        import torch
 
-    progress = Progress()
-    with session.resume_dir() as d:
-        resumed = d is not None
-        if resumed:
-            load_path, client = engine.load_checkpoint(str(Path(d) / checkpoints.DEEPSPEED_DIR))
-            if load_path is None:
-                raise RuntimeError(f"could not load the DeepSpeed checkpoint in {d}")
-            progress = Progress(**client["medusa_ray"])
-    resumed_from = progress.step
+        self.per_position += stats.detach().to("cpu", torch.float64)
+        self.tokens += tokens
+        self.rows += rows
+        self.truncated += truncated
 
-    run_dir = run_files.pull(location) if rank == 0 else run_files.local_dir(location)
-    tracker = _open_tracker(cfg, run_dir) if rank == 0 else None
-    if tracker is not None and not resumed:
-        tracker.log_params({"world_size": world, "total_steps": schedule.total_steps, "zero_stage": zero_stage,
-                            "trainable_params": trainable, "train_rows": plan.train_rows,
-                            "val_rows": plan.val_rows})
-    board = board if rank == 0 else None
-    pad_id = _pad_id(base)
-    reader = RowReader(plan.columns)
-    validator = _Validator(cfg, plan, reader, rank, world, pad_id) if plan.val_rows else None
+    def add_bad(self, reasons: list[str]) -> None:
+        self.bad += len(reasons)
+        self.bad_examples += reasons[:max(0, 5 - len(self.bad_examples))]
 
-    acc = torch.zeros(drafter.steps, drafter.width, dtype=torch.float64)
-    acc_tokens = acc_rows = acc_trunc = acc_bad = 0
-    bad_here: list[str] = []
-    last_ckpt = progress.step if resumed else -1
-    metrics: dict[str, Any] = {}
-    validation: dict[str, Any] = {}
-    window_start = time.perf_counter()
-    run_tokens = run_seconds = 0.0  # this attempt's training steps (validation and checkpoints excluded)
+    def reduce(self, collectives: "Collectives") -> "StepStats":
+        """The sums over all ranks (a collective: every rank calls it)."""
+        import torch
 
-    def finished() -> bool:
-        if progress.stopped_early or progress.step >= schedule.total_steps:
+        counts = [self.tokens, self.rows, self.truncated, self.bad]
+        summed = collectives.sum(self.per_position.flatten().tolist() + counts)
+        total = StepStats(*self.per_position.shape)
+        total.per_position = torch.tensor(summed[:-len(counts)], dtype=torch.float64).view_as(self.per_position)
+        total.tokens, total.rows, total.truncated, total.bad = (int(v) for v in summed[-len(counts):])
+        total.bad_examples = list(self.bad_examples)
+        return total
+
+
+class Trainer:
+    """One rank's training: set up in ``__init__``, then ``run``."""
+
+    def __init__(self, cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, location: str,
+                 board=None, prepared: dict[str, Any] | None = None, faults: dict[str, Any] | None = None):
+        """``location`` is the run's directory in its storage (a path or URI); rank 0 keeps the run's files there
+        and posts its progress to ``board`` (``medusa_ray.progress.Board``), from which the driver draws the bar.
+        ``faults`` are test hooks (``medusa_ray.faults``)."""
+        import torch
+
+        self.cfg, self.session, self.plan, self.schedule, self.location = cfg, session, plan, schedule, location
+        self.faults = faults or {}
+        self.rank, self.world, self.device = session.rank, session.world, session.device
+        self.collectives = Collectives(self.device)
+        on_gpu = self.device.type == "cuda"
+
+        ds_config = deepspeed_config(cfg, on_gpu)
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.drafter = drafters.get(cfg.train.method)(cfg, prepared)
+        self.base = load_base(cfg, self.device, torch.bfloat16 if on_gpu else torch.float32)
+        module = self.drafter.build(self.base, self.device, drafter_dtype(ds_config))
+        self.decoder = decoder_of(self.base)
+        self.drafter.attach(self.decoder)
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)  # before ZeRO-3 partitions
+        self.engine = init_engine(module, ds_config, schedule.warmup_steps, schedule.total_steps)
+
+        self.progress = Progress()
+        with session.resume_dir() as d:
+            self.resumed = d is not None
+            if self.resumed:
+                load_path, client = self.engine.load_checkpoint(str(Path(d) / checkpoint.DEEPSPEED_DIR))
+                if load_path is None:
+                    raise RuntimeError(f"could not load the DeepSpeed checkpoint in {d}")
+                self.progress = Progress(**client["medusa_ray"])
+        self.resumed_from = self.progress.step
+
+        self.run_dir = run_files.pull(location) if self.rank == 0 else run_files.local_dir(location)
+        self.tracker = _open_tracker(cfg, self.run_dir) if self.rank == 0 else None
+        if self.tracker is not None and not self.resumed:
+            self.tracker.log_params({"world_size": self.world, "total_steps": schedule.total_steps,
+                                     "zero_stage": self.zero_stage, "trainable_params": trainable,
+                                     "train_rows": plan.train_rows, "val_rows": plan.val_rows})
+        self.board = board if self.rank == 0 else None
+        self.pad_id = _pad_id(self.base)
+        self.reader = RowReader(plan.columns)
+        self.validator = _Validator(cfg, plan, self.reader, self.rank, self.world, self.pad_id) \
+            if plan.val_rows else None
+
+        self.pending = StepStats(self.drafter.steps, self.drafter.width)
+        self.metrics: dict[str, Any] = {}
+        self.validation: dict[str, Any] = {}
+        self.last_checkpoint = self.progress.step if self.resumed else -1
+        self.run_tokens = self.run_seconds = 0.0  # this attempt's training steps (validation, checkpoints excluded)
+        self.window_start = time.perf_counter()
+
+    def finished(self) -> bool:
+        p, s = self.progress, self.schedule
+        if p.stopped_early or p.step >= s.total_steps:
             return True
-        return schedule.max_epochs is not None and progress.epoch >= schedule.max_epochs
+        return s.max_epochs is not None and p.epoch >= s.max_epochs
 
-    while not finished():
-        skip = progress.batches_in_epoch
-        batches = plan_batches(epoch_units(plan, t.seed, progress.epoch, rank, world), reader, t.batch_size, skip)
-        consumed_any = False
-        while not finished():
-            batch = next(batches, None)
-            # Every rank must take the same number of steps (collectives); stop the epoch together.
-            if not collectives.all_true(batch is not None):
+    def run(self) -> dict[str, Any]:
+        """Epochs until the schedule ends or validation stops improving; then ``finish``."""
+        t = self.cfg.train
+        while not self.finished():
+            skip = self.progress.batches_in_epoch
+            batches = plan_batches(epoch_units(self.plan, t.seed, self.progress.epoch, self.rank, self.world),
+                                   self.reader, t.batch_size, skip)
+            consumed_any = False
+            while not self.finished():
+                batch = next(batches, None)
+                # Every rank must take the same number of steps (collectives); stop the epoch together.
+                if not self.collectives.all_true(batch is not None):
+                    break
+                consumed_any = True
+                self.micro_step(batch)
+            if self.finished():
                 break
-            consumed_any = True
-            if faults.get("train_record_rows_dir"):
-                _record_rows(faults["train_record_rows_dir"], rank, progress.step + 1, batch)
-            batch = tokenize_batch(batch, cfg.model, t.max_length)
-            acc_bad += len(batch["bad"])
-            bad_here += [b for b in batch["bad"] if len(bad_here) < 5]
-            stats, tokens, lr = forward_backward(engine, decoder, _collate(batch, pad_id), cfg, device, drafter)
-            acc += stats.detach().to("cpu", torch.float64)
-            acc_tokens += tokens
-            acc_rows += len(batch["input_ids"])
-            acc_trunc += int(batch["truncated"].sum())
-            progress.batches_in_epoch += 1
-            if engine.global_steps == progress.step:
-                continue  # still accumulating gradients
+            if not consumed_any and skip == 0:
+                raise RuntimeError("the training data yielded no batches")
+            self.progress.epoch += 1
+            self.progress.batches_in_epoch = 0
+        return self.finish()
 
-            # An optimizer step happened.
-            progress.step = engine.global_steps
-            summed = collectives.sum(acc.flatten().tolist() + [acc_tokens, acc_rows, acc_trunc, acc_bad])
-            elapsed = time.perf_counter() - window_start
-            stats_all = torch.tensor(summed[:-4], dtype=torch.float64).view_as(acc)
-            progress.tokens += int(summed[-4])
-            progress.rows += int(summed[-3])
-            progress.truncated += int(summed[-2])
-            progress.bad_rows += int(summed[-1])
-            if rank == 0:
-                progress.bad_examples = (progress.bad_examples + bad_here)[:5]
-            metrics = drafter.metrics(stats_all)
-            metrics.update(lr=lr, tokens_per_s=summed[-4] / max(elapsed, 1e-9), step=progress.step)
-            run_tokens, run_seconds = run_tokens + summed[-4], run_seconds + elapsed
-            acc.zero_()
-            acc_tokens = acc_rows = acc_trunc = acc_bad = 0
-            bad_here = []
-            if progress.bad_rows > schedule.max_bad_rows:
-                raise BadRowError(f"train data: {progress.bad_rows} of {plan.train_rows} rows cannot be trained on, "
-                                  f"more than train.max_bad_rows allows ({schedule.max_bad_rows}); e.g. "
-                                  + "; ".join(progress.bad_examples[:3]))
+    def micro_step(self, batch: dict[str, Any]) -> None:
+        """One micro-batch; every ``grad_accum`` of them make an optimizer ``step``."""
+        t = self.cfg.train
+        if self.faults.get("train_record_rows_dir"):
+            _record_rows(self.faults["train_record_rows_dir"], self.rank, self.progress.step + 1, batch)
+        batch = tokenize_batch(batch, self.cfg.model, t.max_length)
+        self.pending.add_bad(list(batch["bad"]))
+        stats, tokens, self.lr = forward_backward(self.engine, self.decoder, _collate(batch, self.pad_id),
+                                                  self.drafter, self.device)
+        self.pending.add(stats, tokens, len(batch["input_ids"]), int(batch["truncated"].sum()))
+        self.progress.batches_in_epoch += 1
+        if self.engine.global_steps != self.progress.step:  # DeepSpeed stepped the optimizer
+            self.step()
 
-            if rank == 0 and faults.get("train_fail_at_step") == progress.step:
-                _fail_once(run_dir, progress.step)
-            if rank == 0:
-                _log_step(tracker, run_dir, metrics, t.log_every)
+    def step(self) -> None:
+        """After an optimizer step: sum the step's stats over ranks, log, validate and checkpoint when due."""
+        p, s = self.progress, self.schedule
+        p.step = self.engine.global_steps
+        elapsed = time.perf_counter() - self.window_start
+        total = self.pending.reduce(self.collectives)
+        p.tokens += total.tokens
+        p.rows += total.rows
+        p.truncated += total.truncated
+        p.bad_rows += total.bad
+        if self.rank == 0:
+            p.bad_examples = (p.bad_examples + total.bad_examples)[:5]
+        self.pending = StepStats(self.drafter.steps, self.drafter.width)
+        self.metrics = self.drafter.metrics(total.per_position)
+        self.metrics.update(lr=self.lr, tokens_per_s=total.tokens / max(elapsed, 1e-9), step=p.step)
+        self.run_tokens, self.run_seconds = self.run_tokens + total.tokens, self.run_seconds + elapsed
+        if p.bad_rows > s.max_bad_rows:
+            raise BadRowError(f"train data: {p.bad_rows} of {self.plan.train_rows} rows cannot be trained on, "
+                              f"more than train.max_bad_rows allows ({s.max_bad_rows}); e.g. "
+                              + "; ".join(p.bad_examples[:3]))
+        if self.rank == 0 and self.faults.get("train_fail_at_step") == p.step:
+            _fail_once(self.run_dir, p.step)
+        if self.rank == 0:
+            _log_step(self.tracker, self.run_dir, self.metrics, self.cfg.train.log_every)
 
-            # Every checkpoint carries a validation: export picks the best checkpoint by it.
-            checkpoint_now = progress.step % schedule.checkpoint_every == 0 or progress.step >= schedule.total_steps
-            if validator is not None and (progress.step % schedule.val_every == 0 or checkpoint_now):
-                validation = _validate(validator, engine, decoder, drafter, device, collectives, progress, schedule)
-                if rank == 0:
-                    _log_validation(tracker, run_dir, validation)
-            _post(board, schedule, metrics, validation)
-            if checkpoint_now or progress.stopped_early:
-                _report_with_checkpoint(session, engine, cfg, progress, metrics, validation, zero_stage, base, drafter)
-                last_ckpt = progress.step
-                if rank == 0:
-                    run_files.push(location)
-            elif progress.step % t.log_every == 0:
-                session.report(metrics, None, progress.step)
-            window_start = time.perf_counter()
-        if finished():
-            break
-        if not consumed_any and skip == 0:
-            raise RuntimeError("the training data yielded no batches")
-        progress.epoch += 1
-        progress.batches_in_epoch = 0
+        # Every checkpoint carries a validation: export picks the best checkpoint by it.
+        checkpoint_now = p.step % s.checkpoint_every == 0 or p.step >= s.total_steps
+        if self.validator is not None and (p.step % s.val_every == 0 or checkpoint_now):
+            self.validate()
+        self._post()
+        if checkpoint_now or p.stopped_early:
+            self.checkpoint()
+        elif p.step % self.cfg.train.log_every == 0:
+            self.session.report(self.metrics, None, p.step)
+        self.window_start = time.perf_counter()
 
-    if progress.step > 0 and last_ckpt != progress.step:
-        # The epochs ran out before the planned step count: the final state still gets validated and saved.
-        if validator is not None and validation.get("step") != progress.step:
-            validation = _validate(validator, engine, decoder, drafter, device, collectives, progress, schedule)
-            if rank == 0:
-                _log_validation(tracker, run_dir, validation)
-        _report_with_checkpoint(session, engine, cfg, progress, metrics, validation, zero_stage, base, drafter)
-    if tracker is not None:
-        summary = {**metrics, "rows": progress.rows, "tokens": progress.tokens, "truncated": progress.truncated,
-                   "bad_rows": progress.bad_rows}
-        summary.update({f"val_{k}": v for k, v in _flat_validation(validation).items()})
-        tracker.log_summary(summary)
-        tracker.close()
-    plots = _plots(run_dir) if rank == 0 else []
-    if rank == 0:
-        run_files.push(location)
-    return {"resumed_from": resumed_from, "progress": asdict(progress), "metrics": metrics,
-            "validation": validation, "plots": [str(p) for p in plots], "peak_memory_mib": _peak_memory_mib(device),
-            "tokens_per_s": run_tokens / run_seconds if run_seconds else None}
+    def validate(self) -> None:
+        """Teacher-forced per-position top-1 on the validation rows, its expected acceptance, early stopping."""
+        import torch
+
+        p, s, drafter = self.progress, self.schedule, self.drafter
+        stats = torch.zeros(drafter.steps, drafter.width, dtype=torch.float64)
+        with torch.no_grad():
+            for batch, counts in self.validator.batches:
+                _, batch_stats, _ = drafter.loss(self.engine, self.decoder, batch, self.device)
+                if counts:
+                    stats += batch_stats.detach().to("cpu", torch.float64)
+        summed = torch.tensor(self.collectives.sum(stats.flatten().tolist()), dtype=torch.float64).view_as(stats)
+        per_step = drafter.metrics(summed)
+        ea = expected_acceptance(drafter.chain(per_step))
+        if ea > p.best_val:
+            p.best_val, p.best_step, p.since_best = ea, p.step, 0
+        else:
+            p.since_best += 1
+        if s.early_stopping and p.step >= s.min_steps and p.since_best >= s.patience:
+            p.stopped_early = True
+        names = [drafter.name(k) for k in range(drafter.steps)]
+        self.validation = {"step": p.step, "expected_acceptance": ea, "top1": drafter.top1(per_step),
+                           "loss": [per_step[f"{name}_loss"] for name in names], "names": names,
+                           "rows": self.validator.rows, "best_step": p.best_step, "best_expected_acceptance": p.best_val}
+        if self.rank == 0:
+            _log_validation(self.tracker, self.run_dir, self.validation)
+
+    def checkpoint(self) -> None:
+        """Every rank writes its DeepSpeed shard and joins the weight gather; rank 0 writes the meta and the
+        weights; Ray Train merges the ranks' directories into one checkpoint."""
+        p, session = self.progress, self.session
+        tmp = Path(tempfile.mkdtemp(prefix=f"medusa-ckpt-r{self.rank}-"))
+        try:
+            ds_dir = tmp / checkpoint.DEEPSPEED_DIR
+            ds_dir.mkdir()  # DeepSpeed creates it on rank 0 only, assuming a shared filesystem
+            self.engine.save_checkpoint(str(ds_dir), tag=f"global_step{p.step}", client_state={"medusa_ray": asdict(p)})
+            weights = full_weights(self.engine, self.drafter.trainable)  # a collective under ZeRO 1-3
+            (tmp / checkpoint.WORKERS_DIR).mkdir()
+            (tmp / checkpoint.WORKERS_DIR / f"rank-{self.rank:05d}.json").write_text(json.dumps(
+                {"rank": self.rank, "node_id": _node_id(), "device": str(session.device)}))
+            if self.rank == 0:
+                checkpoint.write(tmp, self._meta(), weights)
+            reported = dict(self.metrics)
+            if self.validation:
+                reported["val_expected_acceptance"] = self.validation["expected_acceptance"]
+            session.report(reported, tmp, p.step)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.last_checkpoint = p.step
+        if self.rank == 0:
+            run_files.push(self.location)
+
+    def _meta(self) -> checkpoint.Meta:
+        p, cfg, module = self.progress, self.cfg, self.engine.module
+        text = self.base.config.get_text_config() if hasattr(self.base.config, "get_text_config") \
+            else self.base.config
+        return checkpoint.Meta(
+            method=self.drafter.method, global_step=p.step, base_model=cfg.model,
+            hidden_size=int(text.hidden_size), vocab_size=int(text.vocab_size), zero_stage=self.zero_stage,
+            world_size=self.world, shape=self.drafter.meta(module), config=cfg.to_dict(), metrics=self.metrics,
+            validation=self.validation or None,
+            data={"rows": p.rows, "tokens": p.tokens, "source": cfg.train_data, "truncated": p.truncated,
+                  "epoch": p.epoch, "bad_rows": p.bad_rows, "bad_examples": p.bad_examples},
+            base_architectures=list(getattr(self.base.config, "architectures", None) or []))
+
+    def finish(self) -> dict[str, Any]:
+        """The final state validated and saved (if the epochs ran out before the planned steps), the tracker's
+        summary, the plots; what the driver reads back."""
+        p = self.progress
+        if p.step > 0 and self.last_checkpoint != p.step:
+            if self.validator is not None and self.validation.get("step") != p.step:
+                self.validate()
+            self.checkpoint()
+        if self.tracker is not None:
+            summary = {**self.metrics, "rows": p.rows, "tokens": p.tokens, "truncated": p.truncated,
+                       "bad_rows": p.bad_rows}
+            summary.update({f"val_{k}": v for k, v in _flat_validation(self.validation).items()})
+            self.tracker.log_summary(summary)
+            self.tracker.close()
+        plots = _plots(self.run_dir) if self.rank == 0 else []
+        if self.rank == 0:
+            run_files.push(self.location)
+        return {"resumed_from": self.resumed_from, "progress": asdict(p), "metrics": self.metrics,
+                "validation": self.validation, "plots": [str(x) for x in plots],
+                "peak_memory_mib": _peak_memory_mib(self.device),
+                "tokens_per_s": self.run_tokens / self.run_seconds if self.run_seconds else None}
+
+    def _post(self) -> None:
+        if self.board is not None:  # fire and forget: the driver reads the latest whenever it draws
+            self.board.post.remote({"step": self.metrics["step"], "total": self.schedule.total_steps,
+                                    "loss": self.metrics["loss"],
+                                    "expected_acceptance": self.validation.get("expected_acceptance")})
 
 
 def _peak_memory_mib(device) -> float:
@@ -471,8 +638,6 @@ class _Validator:
     (ZeRO-3 gathers parameters inside forward, so every rank must run every forward)."""
 
     def __init__(self, cfg: Config, plan: DataPlan, reader, rank: int, world: int, pad_id: int):
-        import math
-
         t = cfg.train
         rows = validation_rows(plan, reader)
         mine = rows[rank::world]
@@ -490,41 +655,11 @@ class _Validator:
         self.rows = len(rows)
 
 
-def _validate(validator: _Validator, engine, decoder, drafter, device, collectives: Collectives,
-              progress: Progress, schedule: Schedule) -> dict[str, Any]:
-    """Teacher-forced per-step top-1 on the validation rows, its expected acceptance, early-stopping state."""
-    import torch
-
-    stats = torch.zeros(drafter.steps, drafter.width, dtype=torch.float64)
-    with torch.no_grad():
-        for batch, counts in validator.batches:
-            _, batch_stats, _ = drafter.loss(engine, decoder, batch, device)
-            if counts:
-                stats += batch_stats.detach().to("cpu", torch.float64)
-    summed = torch.tensor(collectives.sum(stats.flatten().tolist()), dtype=torch.float64).view_as(stats)
-    from medusa_ray.train.drafters import expected_acceptance
-
-    per_step = drafter.metrics(summed)
-    ea = expected_acceptance(drafter.chain(per_step))
-    if ea > progress.best_val:
-        progress.best_val, progress.best_step, progress.since_best = ea, progress.step, 0
-    else:
-        progress.since_best += 1
-    if (schedule.early_stopping and progress.step >= schedule.min_steps
-            and progress.since_best >= schedule.patience):
-        progress.stopped_early = True
-    names = [drafter.name(k) for k in range(drafter.steps)]
-    return {"step": progress.step, "expected_acceptance": ea, "top1": drafter.top1(per_step),
-            "loss": [per_step[f"{name}_loss"] for name in names], "names": names,
-            "rows": validator.rows, "best_step": progress.best_step, "best_expected_acceptance": progress.best_val}
-
-
 def _flat_validation(validation: dict[str, Any]) -> dict[str, float]:
     if not validation:
         return {}
     out = {"expected_acceptance": validation["expected_acceptance"]}
-    names = validation.get("names") or [f"medusa{k}" for k in range(len(validation["top1"]))]
-    for name, top1, loss in zip(names, validation["top1"], validation["loss"]):
+    for name, top1, loss in zip(validation["names"], validation["top1"], validation["loss"]):
         out[f"{name}_top1"] = top1
         out[f"{name}_loss"] = loss
     return out
@@ -537,7 +672,7 @@ def _log_validation(tracker, run_dir: Path, validation: dict[str, Any]) -> None:
         tracker.log_metrics(_flat_validation(validation), step=validation["step"], prefix="val/")
 
 
-def full_head_weights(engine, keep=lambda name: True) -> dict[str, Any]:
+def full_weights(engine, keep=lambda name: True) -> dict[str, Any]:
     """Every drafter parameter ``keep`` names, in full fp32, whatever the ZeRO stage: the optimizer's fp32 master
     copy where DeepSpeed keeps one (partitioned under ZeRO 1-3, so all ranks must call this), else the parameter
     itself; and the drafter's persistent buffers (EAGLE-3's vocabulary maps), as they are."""
@@ -554,48 +689,6 @@ def full_head_weights(engine, keep=lambda name: True) -> dict[str, Any]:
         if keep(name) and name in persistent:
             weights[name] = buffer.detach().to("cpu").contiguous()
     return weights
-
-
-def _report_with_checkpoint(session: Session, engine, cfg: Config, progress: Progress, metrics, validation,
-                            zero_stage, base, drafter) -> None:
-    """Every rank writes its DeepSpeed shard; Ray Train merges the ranks' directories into one checkpoint."""
-    rank, world = session.rank, session.world
-    tmp = Path(tempfile.mkdtemp(prefix=f"medusa-ckpt-r{rank}-"))
-    try:
-        ds_dir = tmp / checkpoints.DEEPSPEED_DIR
-        ds_dir.mkdir()  # DeepSpeed creates it on rank 0 only, assuming a shared filesystem
-        engine.save_checkpoint(str(ds_dir), tag=f"global_step{progress.step}", client_state={"medusa_ray": asdict(progress)})
-        weights = full_head_weights(engine, drafter.trainable)  # a collective under ZeRO 1-3: every rank
-        if rank == 0:
-            from safetensors.torch import save_file
-
-            save_file(weights, str(tmp / checkpoints.HEADS_FILE))
-        (tmp / checkpoints.WORKERS_DIR).mkdir()
-        (tmp / checkpoints.WORKERS_DIR / f"rank-{rank:05d}.json").write_text(json.dumps(
-            {"rank": rank, "node_id": _node_id(), "device": str(session.device)}))
-        if rank == 0:
-            meta = {
-                "format": checkpoints.META_FORMAT,
-                "base_model": cfg.model,
-                **drafter.meta(engine.module),
-                "global_step": progress.step,
-                "zero_stage": zero_stage,
-                "world_size": world,
-                "config": cfg.to_dict(),
-                "metrics": metrics,
-                "validation": validation or None,
-                "data": {"rows": progress.rows, "tokens": progress.tokens, "source": cfg.train_data,
-                         "truncated": progress.truncated, "epoch": progress.epoch, "bad_rows": progress.bad_rows,
-                         "bad_examples": progress.bad_examples},
-                "base_architectures": list(getattr(base.config, "architectures", None) or []),
-            }
-            (tmp / checkpoints.META_FILE).write_text(json.dumps(meta, indent=2))
-        reported = dict(metrics)
-        if validation:
-            reported["val_expected_acceptance"] = validation["expected_acceptance"]
-        session.report(reported, tmp, progress.step)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _plots(run_dir: Path) -> list[Path]:
@@ -619,19 +712,14 @@ def _record_rows(directory: str, rank: int, step: int, batch: dict[str, Any]) ->
 
 
 def _fail_once(run_dir: Path, step: int) -> None:
-    """Test hook: raise the first time any attempt of this run reaches ``step`` (a marker survives restarts)."""
+    """Fault ``train_fail_at_step``: raise the first time any attempt of this run reaches ``step`` (a marker in
+    the run dir survives restarts)."""
     marker = run_dir / FAIL_MARKER.format(step=step)
     if marker.exists():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text("")
     raise RuntimeError(f"fault train_fail_at_step={step}: injected failure (test hook)")
-
-
-def _post(board, schedule: Schedule, metrics: dict[str, Any], validation: dict[str, Any]) -> None:
-    if board is not None:  # fire and forget: the driver reads the latest whenever it draws
-        board.post.remote({"step": metrics["step"], "total": schedule.total_steps, "loss": metrics["loss"],
-                           "expected_acceptance": validation.get("expected_acceptance")})
 
 
 def _log_step(tracker, run_dir: Path, metrics: dict[str, Any], log_every: int) -> None:
@@ -648,7 +736,7 @@ def _open_tracker(cfg: Config, run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         from medusa_ray.tracking import open_tracker
-    except ImportError:
+    except ImportError:  # a tracker's package missing from the image never costs a training run
         return None
     try:
         return open_tracker(cfg, str(run_dir))

@@ -18,12 +18,11 @@ def load_exported_heads(medusa_dir: str | Path):
     """``MedusaHeads`` with the weights of an export dir (its safetensors file, FasterDecoding keys)."""
     from safetensors.torch import load_file
 
-    from medusa_ray.export.writer import WEIGHTS_FILE
     from medusa_ray.model.heads import MedusaHeads
 
     medusa_dir = Path(medusa_dir)
     config = json.loads((medusa_dir / "config.json").read_text())
-    state = load_file(str(medusa_dir / WEIGHTS_FILE))
+    state = load_file(str(medusa_dir / "medusa_lm_head.safetensors"))  # the Medusa export's weights
     heads = MedusaHeads(config["medusa_num_heads"], config["medusa_num_layers"],
                         torch.zeros(config["vocab_size"], config["hidden_size"]))
     heads.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
