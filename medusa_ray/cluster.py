@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from medusa_ray import compat
 from medusa_ray.config import RayConfig
 
 log = logging.getLogger(__name__)
@@ -109,16 +110,9 @@ def autoscaler_node_types() -> list[dict[str, float]] | None:
     is all it will have). Raises ``LookupError`` when an autoscaler manages named node types we cannot read
     (KubeRay's, which keeps them in the RayCluster resource).
     """
-    import json
-
-    from ray._private import ray_constants
-    from ray._private.state import state
-    from ray.autoscaler._private.util import format_readonly_node_type
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
-    config = state.get_cluster_config()
-    if config is not None and config.node_group_configs:
-        return [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
+    published = compat.gcs_node_group_resources()
+    if published is not None:
+        return published
     bootstrap = Path("~/ray_bootstrap_config.yaml").expanduser()
     if bootstrap.is_file():
         import yaml
@@ -126,11 +120,10 @@ def autoscaler_node_types() -> list[dict[str, float]] | None:
         launcher = yaml.safe_load(bootstrap.read_text()) or {}
         return [dict(t.get("resources") or {}) for t in (launcher.get("available_node_types") or {}).values()
                 if t.get("max_workers", 1) != 0]
-    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) if _internal_kv_initialized() else None
-    if status:
-        mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    mapping = compat.autoscaler_node_type_mapping()
+    if mapping:
         # A fixed cluster's monitor names every node's type after the node itself.
-        if any(node_type != format_readonly_node_type(node) for node, node_type in mapping.items()):
+        if any(node_type != compat.readonly_node_type(node) for node, node_type in mapping.items()):
             raise LookupError("its autoscaler does not publish which node types it can add")
     return None
 

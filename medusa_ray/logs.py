@@ -14,12 +14,13 @@ from every Ray worker; ``--verbose`` shows everything on the console too. How, w
   with no access log; Ray Data's bars and start-of-execution lines are off (our bar instead); Ray's, Serve's
   and Ray Data's driver-side loggers keep their handlers for the file and show WARNING and up on the console.
 
-The routing replaces one Ray-internal handler (``ray._private.ray_logging.global_worker_stdstream_dispatcher``,
-handler ``ray_print_logs``); where it is missing, Ray's own printing is left as it is.
+The routing replaces one Ray-internal handler (``medusa_ray.compat.route_worker_lines``); where it is missing,
+Ray's own printing is left as it is.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -28,6 +29,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from medusa_ray import compat
 
 
 VERBOSE_ENV = "MEDUSA_RAY_VERBOSE"
@@ -91,7 +94,7 @@ def adopt_library_loggers() -> None:
         if file_handler is not None and not logger.propagate and file_handler not in logger.handlers:
             logger.addHandler(file_handler)
     # Ray Data's one-time hint that its bars are off: we turned them off for our own bar.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger(compat.RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
 
 
 def console_worthy(record: logging.LogRecord, ours_from: int = logging.INFO) -> bool:
@@ -201,8 +204,7 @@ def replica_setup() -> None:
 
 def configure_vllm() -> None:
     """In a process about to start a vLLM engine: the same split for vLLM's records in this process and in the
-    engine's subprocesses (which no Ray hook reaches), from a dictConfig file written on this node (per log
-    file, so two runs on one node never share one)."""
+    engine's subprocesses (which no Ray hook reaches), from a dictConfig file of this process's own."""
     if verbose():
         return
     import json
@@ -224,14 +226,13 @@ def configure_vllm() -> None:
         },
         "loggers": {"vllm": {"handlers": ["out", "err"], "level": "INFO", "propagate": False}},
     }
-    text = json.dumps(config)
-    import hashlib
-
-    path = Path(tempfile.gettempdir()) / f"medusa-ray-vllm-logging-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
-    if not path.exists() or path.read_text() != text:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    # A file of this process's own (mkstemp: an unpredictable name, mode 0600), never a fixed path in the shared
+    # temp dir: another local user could swap in a config whose "()" factory runs code in vLLM's processes.
+    fd, name = tempfile.mkstemp(prefix="medusa-ray-vllm-logging-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f)
+    path = Path(name)
+    atexit.register(path.unlink, missing_ok=True)
     os.environ.update(VLLM_CONFIGURE_LOGGING="1", VLLM_LOGGING_CONFIG_PATH=str(path))
 
 
@@ -247,12 +248,7 @@ class NotConsoleWorthy(logging.Filter):
 
 def route_worker_lines() -> None:
     """After ``ray.init``: worker stdout to the log file only (both, with ``--verbose``), stderr to both."""
-    try:
-        import ray._private.worker as ray_worker
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-        from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
-    except ImportError:  # another Ray: its own printing stays
-        return
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
     def handle(data: dict) -> None:
         lines = data.get("lines") or []
@@ -267,11 +263,9 @@ def route_worker_lines() -> None:
         shown = lines if (data.get("is_err") or verbose() or stream is None or data.get("pid") == "autoscaler") \
             else [line for line in lines if RAY_TQDM_MAGIC in line]
         if shown:
-            ray_worker.print_worker_logs({**data, "lines": shown}, sys.stderr)
+            compat.print_worker_lines({**data, "lines": shown}, sys.stderr)
 
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.remove_handler("medusa_ray_logs")
-    dispatcher.add_handler("medusa_ray_logs", handle)
+    compat.route_worker_lines(handle)  # another Ray without the dispatcher: its own printing stays
 
 
 @contextmanager

@@ -231,21 +231,11 @@ def _distill(cfg: Config, work: Path) -> tuple[int, list[str]]:
     print(summary.summary(), flush=True)
     rows = _count_rows(cfg.distill.output_dir)
     marker.write_text(json.dumps({**asdict(summary), "rows_out_total": rows}, default=str, indent=2))
-    _track_distill(cfg, {k: v for k, v in asdict(summary).items() if k != "nodes"} | {"rows_out_total": rows})
+    from medusa_ray import train
+
+    train.track_summary(cfg, {k: v for k, v in asdict(summary).items() if k != "nodes"} | {"rows_out_total": rows},
+                        prefix="distill/")
     return rows, summary.nodes
-
-
-def _track_distill(cfg: Config, summary: dict[str, Any]) -> None:
-    """Distill's numbers go to the same tracked runs as training's, under ``distill/``."""
-    if not cfg.train.tracking:
-        return
-    from medusa_ray.tracking import open_tracker
-    from medusa_ray.train import run_files, run_location
-
-    location = run_location(cfg)
-    with open_tracker(cfg, str(run_files.pull(location))) as tracker:
-        tracker.log_summary(summary, prefix="distill/")
-    run_files.push(location)
 
 
 def _count_rows(directory: str) -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from medusa_ray.data.chat import Prompt, first_prompt
+from medusa_ray.data.chat import IGNORE_INDEX, BadRowError, Prompt, first_prompt, load_tokenizer, tokenize_messages
 from medusa_ray.errors import UserError
 
 FORMATS = ("sharegpt", "jsonl", "parquet", "hf")

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from medusa_ray.logs import verbose
+from medusa_ray import compat
 from medusa_ray.config import Config
-from medusa_ray.paths import check_local_model
 from medusa_ray.errors import UserError
+from medusa_ray.logs import verbose
+from medusa_ray.paths import check_local_model
 from medusa_ray.redact import strip_credentials, strip_credentials_in_text
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,7 @@ class Engine:
         if not self.app_name:
             return []
         try:
-            from ray.serve.context import _get_global_client
-
-            details = _get_global_client().get_serve_details()
-            deployments = details["applications"][self.app_name]["deployments"].values()
-            return sorted({r["node_id"] for d in deployments for r in d.get("replicas", []) if r.get("node_id")})
+            return compat.serve_replica_nodes(self.app_name)
         except Exception as exc:  # noqa: BLE001 - where replicas ran is information, never a failure
             log.debug("could not list Serve replicas: %s", exc)
             return []
@@ -481,39 +478,26 @@ def _app_claim(name: str) -> Iterator[None]:
             _kv_del(key)
 
 
-# Ray internals: the GCS key-value store, the job table and Serve's controller. Every private Ray call of the
-# lease protocol is in the functions below (to move into medusa_ray.compat together).
+# The lease protocol's store, the job table and Serve's controller: private Ray APIs, kept in medusa_ray.compat.
 
 def _kv_put_if_absent(key: bytes, value: bytes) -> bool:
-    """Write ``key`` unless it exists; True when this call wrote it. (Ray's ``_internal_kv_put`` returns
-    whether the key already existed, i.e. the opposite.)"""
-    from ray.experimental import internal_kv
-
-    return not internal_kv._internal_kv_put(key, value, overwrite=False, namespace=_LEASES)
+    return compat.kv_put_if_absent(key, value, _LEASES)
 
 
 def _kv_put(key: bytes, value: bytes) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(key, value, namespace=_LEASES)
+    compat.kv_put(key, value, _LEASES)
 
 
 def _kv_get(key: bytes) -> bytes | None:
-    from ray.experimental import internal_kv
-
-    return internal_kv._internal_kv_get(key, namespace=_LEASES)
+    return compat.kv_get(key, _LEASES)
 
 
 def _kv_del(key: bytes) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_del(key, namespace=_LEASES)
+    compat.kv_del(key, _LEASES)
 
 
 def _leases(name: str) -> list[bytes]:
-    from ray.experimental import internal_kv
-
-    return list(internal_kv._internal_kv_list(f"{name}/".encode(), namespace=_LEASES))
+    return compat.kv_keys(f"{name}/".encode(), _LEASES)
 
 
 def _job_id() -> str:
@@ -523,16 +507,11 @@ def _job_id() -> str:
 
 
 def _live_jobs() -> set[str]:
-    import ray
-
-    gcs = ray._private.worker.global_worker.gcs_client
-    return {job.hex() for job, info in gcs.get_all_job_info().items() if not info.is_dead}
+    return compat.live_job_ids()
 
 
 def _serve_controller_running() -> bool:
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client(raise_if_no_controller_running=False) is not None
+    return compat.serve_controller_running()
 
 
 def _teardown(name: str, serve_was_up: bool) -> None:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-# Serve LLM's callback base is not exported publicly in Ray 2.60; LLMConfig.callback_config is the public switch.
-from ray.llm._internal.common.callbacks.base import CallbackBase
-
-from medusa_ray import logs
+from medusa_ray import compat, logs
 
 
-class ReplicaLogging(CallbackBase):
+class ReplicaLogging(compat.serve_llm_callback_base()):
     """``LLMConfig.callback_config``: importing Serve LLM points the replica's root logger at JSON on stderr;
     before the engine starts, it is pointed at the replica's Serve log file instead, and vLLM's subprocesses
     get the split of ``medusa_ray.logs`` (their output reaches the driver like any worker's)."""

@@ -135,9 +135,10 @@ class Drafter:
         """Refuse checkpoint weights that are not what ``meta`` describes (one line)."""
 
     @classmethod
-    def export_files(cls, weights: dict, meta: dict[str, Any], base_name: str, dtype):
+    def export_files(cls, weights: dict, meta: dict[str, Any], base_name: str, dtype, published_base: str):
         """A function ``write(tmp_dir)`` writing the servable files, prepared (and checked) before anything is
-        written."""
+        written. ``base_name`` is where the base loads from here; the files name it ``published_base`` (a local
+        path is published redacted)."""
         raise NotImplementedError
 
     @classmethod

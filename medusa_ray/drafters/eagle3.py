@@ -72,7 +72,7 @@ class Eagle3(Drafter):
 
         from transformers import AutoConfig
 
-        from medusa_ray.data.chat import IGNORE_INDEX
+        from medusa_ray.data import IGNORE_INDEX
         from medusa_ray.model.eagle3 import aux_layer_ids, token_counts, vocab_maps
 
         t = cfg.train
@@ -122,7 +122,7 @@ class Eagle3(Drafter):
         """(loss, stats [steps, 5]; attention mask): the library's unrolled loss on the packed batch."""
         from speculators.losses import resolve_loss_config
 
-        from medusa_ray.data.chat import IGNORE_INDEX
+        from medusa_ray.data import IGNORE_INDEX
         from medusa_ray.model.eagle3 import LOSS, pack, step_stats
 
         ids, mask, labels = (x.to(device) for x in batch)
@@ -161,14 +161,17 @@ class Eagle3(Drafter):
 
     # ---- export ------------------------------------------------------------------------------------------
     @classmethod
-    def export_files(cls, weights: dict, meta: dict[str, Any], base_name: str, dtype):
+    def export_files(cls, weights: dict, meta: dict[str, Any], base_name: str, dtype, published_base: str):
         draft = _draft_from_checkpoint(weights, meta, base_name)
 
         def write(tmp: Path) -> None:
             """The library's own layout; ``verifier_*`` (the base's final norm and head, used only to make training
-            targets) is not part of it."""
+            targets) is not part of it. The verifier is named as published (vLLM only checks the key is there)."""
             draft.to(dtype).save_pretrained(tmp)
             (tmp / "config.py").unlink(missing_ok=True)  # transformers copies the config class's source
+            config = json.loads((tmp / "config.json").read_text())
+            config["speculators_config"]["verifier"]["name_or_path"] = published_base
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
         return write
 

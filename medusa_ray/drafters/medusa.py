@@ -158,9 +158,9 @@ class Medusa(Drafter):
                 raise UserError(f"{where}: {key} has shape {tuple(weights[key].shape)}, expected {shape}")
 
     @classmethod
-    def export_files(cls, weights: dict, meta: dict[str, Any], base_name: str, dtype):
+    def export_files(cls, weights: dict, meta: dict[str, Any], base_name: str, dtype, published_base: str):
         tensors = head_tensors(weights, meta, base_name, dtype)
-        config = medusa_config(meta, base_name)
+        config = medusa_config(meta, published_base)
 
         def write(tmp: Path) -> None:
             """The heads, the ``config.json`` both servers read, the base tokenizer (TGI loads it here)."""

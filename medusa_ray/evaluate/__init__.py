@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medusa_ray import drafters, progress
+from medusa_ray import compat, drafters, progress
 from medusa_ray.config import Config
 from medusa_ray.data import read_prompts
-from medusa_ray.data.chat import Prompt
+from medusa_ray.data import Prompt
 from medusa_ray.errors import UserError
 from medusa_ray.paths import check_local_model
 from medusa_ray.writable import check_writable
@@ -96,11 +96,8 @@ def _run_engine(base: str, prompts: list[Prompt], max_tokens: int, kwargs: dict[
         outputs, elapsed = _generate(llm, prompts, max_tokens, progress)
         after = _spec_counters(llm)
     finally:
-        engine = getattr(llm, "llm_engine", None)
-        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if shutdown is not None:
-            shutdown()
-        del llm, engine
+        compat.shutdown_llm(llm)
+        del llm
         gc.collect()
     delta = {k: after[k] - before[k] for k in (_DRAFTS, _DRAFT_TOKENS, _ACCEPTED)}
     per_pos = after[_PER_POS]
@@ -231,8 +228,11 @@ def measure(cfg_dict: dict[str, Any], draft_dir: str, compare_untrained: bool, b
     draft_path = Path(draft_dir)
     drafter, found = drafters.detect(draft_path)
     k = cfg.eval.num_speculative_tokens or found["steps"]
-    # --model wins; otherwise the base the draft was exported for.
-    base = cfg.model if "model" in cfg.model_fields_set else found["base"] or cfg.model
+    # --model wins; otherwise the base the draft was exported for (its local path, which the files only name
+    # redacted, when the export was made on this machine).
+    from medusa_ray.export import local_base
+
+    base = cfg.model if "model" in cfg.model_fields_set else local_base(draft_path) or found["base"] or cfg.model
     check_local_model(base)
     prompts = read_prompts(cfg.eval.prompts, cfg.eval.num_prompts, cfg.distill.mode)
 

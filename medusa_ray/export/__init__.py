@@ -18,15 +18,24 @@ from medusa_ray import checkpoint, drafters
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
 from medusa_ray.export.card import write_model_card
-from medusa_ray.export.files import CARD_FILE, COMPARISON_FILE, EVAL_FILE, EXPORT_FORMAT, MARKER_FILE, read_marker
+from medusa_ray.export.files import (
+    CARD_FILE,
+    COMPARISON_FILE,
+    EVAL_FILE,
+    EXPORT_FORMAT,
+    LOCAL_FILE,
+    MARKER_FILE,
+    local_base,
+    read_marker,
+)
 from medusa_ray.export.hub import HubTarget, prepare_push, upload
 from medusa_ray.export.public import public_eval, public_meta, redact, source_id
 from medusa_ray.export.writer import base_dtype, check_base, resolve_base, write_export
 from medusa_ray.locks import hold
-from medusa_ray.paths import is_remote
+from medusa_ray.paths import is_hub_id, is_remote
 from medusa_ray.writable import check_writable
 
-__all__ = ["run", "ExportResult", "record_eval", "record_comparison", "read_marker", "write_model_card",
+__all__ = ["run", "ExportResult", "record_eval", "record_comparison", "read_marker", "local_base", "write_model_card",
            "COMPARISON_FILE", "EVAL_FILE", "MARKER_FILE"]
 
 log = logging.getLogger(__name__)
@@ -166,13 +175,22 @@ def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
         weights = checkpoint.read_weights(ckpt)
         drafter.check_weights(weights, flat, ckpt)
         dtype = base_dtype(base_cfg)
-        files = drafter.export_files(weights, flat, base_name, dtype)
+        # A local base is published by a redacted name (no home directories in a public repo); its path stays in
+        # LOCAL_FILE, which is never uploaded.
+        published = base_name if is_hub_id(base_name) else redact(base_name)
+        drafter_files = drafter.export_files(weights, flat, base_name, dtype, published)
+
+        def files(tmp: Path) -> None:
+            drafter_files(tmp)
+            (tmp / LOCAL_FILE).write_text(json.dumps({"base_model": base_name, "location": str(out)}) + "\n")
+
         marker = {
             "format": EXPORT_FORMAT,
             "source": source,
-            "base_model": base_name,
+            "base_model": published,
+            "base_is_local": not is_hub_id(base_name),
             "dtype": str(dtype).removeprefix("torch."),
-            "location": cfg.export.push_to_hub or str(out),
+            "location": cfg.export.push_to_hub or redact(str(out)),
             "node_id": node_id(),
             # The drafter's own shape keys are numbers it describes itself by: public whatever the drafter.
             "meta": public_meta(flat) | {"method": meta.method} | {k: flat[k] for k in drafter.meta_keys},

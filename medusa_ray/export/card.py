@@ -121,6 +121,10 @@ def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None,
     if comparison:
         lines += _comparison_section(comparison, drafter.method)
     lines += _serve_section(marker, drafter)
+    if marker.get("base_is_local"):
+        lines += [f"The base model was a local directory, published here as `{base}`: give vLLM your copy of it "
+                  "(`--model`), and, for TGI, set `base_model_name_or_path` in `config.json` to its path or Hub id.",
+                  ""]
     return "\n".join(lines)
 
 

@@ -15,7 +15,18 @@ EVAL_FILE = "eval_results.json"
 COMPARISON_FILE = "drafters.json"
 """Written by ``pipeline`` when it trained several drafters: each one's numbers on the same prompts."""
 CARD_FILE = "README.md"
+LOCAL_FILE = ".medusa_ray_local.json"
+"""Where the export's base model and the export itself are on this machine (absolute paths): read by ``eval``,
+never uploaded. The published files name a local base by a redacted name only."""
 EXPORT_FORMAT = "medusa-ray-export/1"
+
+
+def local_base(out: Path) -> str | None:
+    """The base model's path on this machine, when the export was made from a local base."""
+    try:
+        return json.loads((Path(out) / LOCAL_FILE).read_text()).get("base_model")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
 
 
 def read_marker(out: Path) -> dict | None:

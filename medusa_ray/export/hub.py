@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medusa_ray.errors import UserError
+from medusa_ray.export.files import LOCAL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ def upload(target: HubTarget, folder: Path) -> str:
     log.info("uploading %s to %s", folder, target.url)
     try:
         target.api.upload_folder(repo_id=target.repo_id, folder_path=str(folder), repo_type="model",
-                                 commit_message="Upload Medusa heads (medusa-ray export)")
+                                 commit_message="Upload a drafter (medusa-ray export)",
+                                 ignore_patterns=[LOCAL_FILE])  # this machine's paths stay here
     except Exception as exc:  # noqa: BLE001 - network, auth, permission, offline mode: all end the same way
         raise UserError(f"push to {target.repo_id} failed: {_reason(exc, target.token)}") from None
     return target.url

@@ -36,7 +36,7 @@ def head_accuracy(base_model: str, medusa_dir: str | Path, heldout: str, topk: i
     from transformers import AutoModelForCausalLM
 
     from medusa_ray import parquet
-    from medusa_ray.data.chat import IGNORE_INDEX, load_tokenizer, tokenize_messages
+    from medusa_ray.data import IGNORE_INDEX, load_tokenizer, tokenize_messages
 
     path = Path(heldout)
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]

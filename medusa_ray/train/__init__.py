@@ -29,7 +29,8 @@ from medusa_ray.writable import check_writable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "run", "run_location", "local_run_dir", "plan_schedule", "find_latest_checkpoint"]
+__all__ = ["TrainResult", "run", "run_location", "local_run_dir", "track_summary", "plan_schedule",
+           "find_latest_checkpoint"]
 
 
 @dataclass
@@ -270,6 +271,18 @@ def run_location(cfg: Config) -> str:
     """``<train.storage_path>/<train.run_name>`` (a path or URI): checkpoints, tracker logs, metrics, plots."""
     cfg = _resolve_paths(cfg)
     return run_files.run_location(cfg.train.storage_path, cfg.train.run_name)
+
+
+def track_summary(cfg: Config, summary: dict[str, Any], prefix: str) -> None:
+    """Another stage's numbers (distill's) go to the same tracked runs as training's, under ``prefix``."""
+    if not cfg.train.tracking:
+        return
+    from medusa_ray.tracking import open_tracker
+
+    location = run_location(cfg)
+    with open_tracker(cfg, str(run_files.pull(location))) as tracker:
+        tracker.log_summary(summary, prefix=prefix)
+    run_files.push(location)
 
 
 def local_run_dir(cfg: Config) -> Path:

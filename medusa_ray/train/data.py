@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medusa_ray.data.chat import IGNORE_INDEX, BadRowError, load_tokenizer, tokenize_messages
+from medusa_ray.data import IGNORE_INDEX, BadRowError, load_tokenizer, tokenize_messages
 from medusa_ray.errors import UserError
 
 REQUIRED_COLUMNS = ("messages",)

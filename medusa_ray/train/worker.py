@@ -25,7 +25,7 @@ from typing import Any
 
 from medusa_ray import checkpoint, drafters
 from medusa_ray.config import Config
-from medusa_ray.data.chat import IGNORE_INDEX, BadRowError
+from medusa_ray.data import IGNORE_INDEX, BadRowError
 from medusa_ray.drafters import Drafter, expected_acceptance
 from medusa_ray.logs import verbose
 from medusa_ray.train import run_files
