@@ -239,8 +239,9 @@ class ExportConfig(_Section):
     """Export directory (``medusa_lm_head.safetensors``, ``config.json``, tokenizer, model card)."""
     push_to_hub: Optional[str] = None
     """``org/name`` to push the export to (token from ``HF_TOKEN`` or the Hugging Face login)."""
-    private: bool = False
-    """Create the Hub repo private."""
+    private: Optional[bool] = None
+    """``true``: the Hub repo must be private (an existing public one is refused before anything is uploaded);
+    ``false``: create it public; unset: the account's or organisation's default."""
     overwrite: bool = False
     """Replace an existing, different export in ``output_dir``."""
 

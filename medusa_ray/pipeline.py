@@ -19,6 +19,7 @@ from medusa_ray.config import Config
 from medusa_ray.errors import UserError
 from medusa_ray.locks import hold
 from medusa_ray.paths import is_remote
+from medusa_ray.redact import strip_credentials
 from medusa_ray.writable import check_writable
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def _distill(cfg: Config, work: Path) -> tuple[int, list[str]]:
     d = cfg.distill
     _check_fingerprint(work / "distill_settings.json", {
         "model": cfg.model, "distill.mode": d.mode, "distill.temperature": d.temperature, "distill.top_p": d.top_p,
-        "distill.max_tokens": d.max_tokens, "distill.seed": d.seed, "distill.endpoint": d.endpoint},
+        "distill.max_tokens": d.max_tokens, "distill.seed": d.seed, "distill.endpoint": strip_credentials(d.endpoint) if d.endpoint else None},
         "distilled rows")
     marker = work / "distill_done.json"
     if marker.exists():

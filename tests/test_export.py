@@ -151,7 +151,10 @@ def test_layout_follows_tgi_rules(exported):
     for name, out in exported.items():
         config = json.loads((out / "config.json").read_text())
         assert isinstance(config["medusa_num_heads"], int) and isinstance(config["medusa_num_layers"], int)
-        assert Path(config["base_model_name_or_path"]).is_dir()
+        # A local base is named redacted (no home directory in a published file); its path stays beside, unpublished.
+        from medusa_ray.export import local_base
+
+        assert Path(local_base(out)).is_dir() and config["base_model_name_or_path"] == "models0/tiny"
         assert "architectures" not in config
         # and what vLLM needs besides: its MedusaConfig, biases loaded, sizes.
         assert config["model_type"] == "medusa" and config["medusa_fc_bias"] is True
@@ -288,7 +291,8 @@ def test_nothing_private_is_published(trained, tmp_path):
     leaked = [p.name for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
     card = (out / "README.md").read_text()
-    assert "| source | `s3://bucket/distilled` |" in card and "alice" not in card
+    # A bucket's name is private too: the source is published as its scheme and a stable id.
+    assert "| source | `s3:redacted-" in card and "bucket" not in card and "alice" not in card
     assert json.loads((out / "eval_results.json").read_text())["acceptance_length"] == 1.5
     assert SECRET in (tmp_path / "private" / "eval.json").read_text()  # the user's own copy is complete
 

@@ -86,9 +86,10 @@ def test_train_resume_and_export_on_s3(s3_env, random_tiny_model, tmp_path, monk
     assert exported.returncode == 0, exported.stderr[-4000:]
     assert f"exporting step {best.step} of run 's3run': best validation expected acceptance" in exported.stdout
     marker = json.loads((out / "medusa_ray_export.json").read_text())
-    from medusa_ray.export.public import source_id
+    from medusa_ray.export.public import redact, source_id
 
-    assert marker["source"] == {"checkpoint": best.uri, "id": source_id(best.uri), "global_step": best.step}
+    assert marker["source"] == {"checkpoint": redact(best.uri), "id": source_id(best.uri), "global_step": best.step}
+    assert "s3run" not in marker["source"]["checkpoint"]  # the bucket's paths are not published
     assert (out / "medusa_lm_head.safetensors").stat().st_size > 0
 
 

@@ -139,7 +139,10 @@ def _uploads(hub) -> list[str]:
 def test_not_asking_for_private_keeps_the_organisations_private_default(hub):
     from medusa_ray.export.hub import prepare_push
 
-    prepare_push("org/heads", private=False)  # export.private's default: the user did not ask
+    from medusa_ray.config import build_config
+
+    assert build_config({}).export.private is None  # export.private's default: the user did not ask
+    prepare_push("org/heads", private=None)
     assert all("private" not in body and "visibility" not in body for body in hub.created), hub.created
     assert hub.repos["org/heads"].private, "an explicit private=False overrode the org's private default"
 

@@ -188,6 +188,11 @@ def run(cfg: Config, draft_dir: str | None = None, compare_untrained: bool = Fal
         check_writable(Path(cfg.eval.output_json).expanduser().parent, "eval.output_json")
     if _is_export(draft_path):  # eval writes its numbers and a fresh card into the export
         check_writable(draft_path, "--draft")
+    # The base: ``model`` when the config sets it; otherwise the one the draft was exported for (its local path,
+    # which the published files only name redacted, when the export was made on this machine).
+    from medusa_ray.export import local_base
+
+    base = cfg.model if "model" in cfg.model_fields_set else local_base(draft_path) or found["base"] or cfg.model
     import ray
 
     gpus = 0
@@ -197,7 +202,7 @@ def run(cfg: Config, draft_dir: str | None = None, compare_untrained: bool = Fal
     board = progress.board("eval", "prompts", lambda s: (s["done"], s["total"], "")) if ray.is_initialized() \
         else contextlib.nullcontext()
     with board as handle:
-        results = EvalResult(run_task(measure, cfg.to_dict(), str(draft_path), compare_untrained, handle,
+        results = EvalResult(run_task(measure, cfg.to_dict(), str(draft_path), base, compare_untrained, handle,
                                       name="medusa-ray-eval", num_cpus=1, num_gpus=gpus))
     if results["errors"]:
         log.error("%d of %d outputs differ from plain greedy decoding", len(results["errors"]), results["num_prompts"])
@@ -215,7 +220,8 @@ def _is_export(path: Path) -> bool:
     return read_marker(path) is not None
 
 
-def measure(cfg_dict: dict[str, Any], draft_dir: str, compare_untrained: bool, board=None) -> dict[str, Any]:
+def measure(cfg_dict: dict[str, Any], draft_dir: str, base: str, compare_untrained: bool, board=None
+            ) -> dict[str, Any]:
     """Both engines, the comparison, per-head accuracy and the plot; ``run`` saves the results. Prompts done
     are posted to ``board`` (``medusa_ray.progress.Board``) for the driver's bar."""
     import tempfile
@@ -228,11 +234,6 @@ def measure(cfg_dict: dict[str, Any], draft_dir: str, compare_untrained: bool, b
     draft_path = Path(draft_dir)
     drafter, found = drafters.detect(draft_path)
     k = cfg.eval.num_speculative_tokens or found["steps"]
-    # --model wins; otherwise the base the draft was exported for (its local path, which the files only name
-    # redacted, when the export was made on this machine).
-    from medusa_ray.export import local_base
-
-    base = cfg.model if "model" in cfg.model_fields_set else local_base(draft_path) or found["base"] or cfg.model
     check_local_model(base)
     prompts = read_prompts(cfg.eval.prompts, cfg.eval.num_prompts, cfg.distill.mode)
 

@@ -192,8 +192,7 @@ def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
             "dtype": str(dtype).removeprefix("torch."),
             "location": cfg.export.push_to_hub or redact(str(out)),
             "node_id": node_id(),
-            # The drafter's own shape keys are numbers it describes itself by: public whatever the drafter.
-            "meta": public_meta(flat) | {"method": meta.method} | {k: flat[k] for k in drafter.meta_keys},
+            "meta": public_meta(flat),
         }
         write_export(out, marker, files)
     return False

@@ -41,10 +41,10 @@ def prepare_push(repo_id: str, private: bool | None = None) -> HubTarget:
     """Everything that can refuse a push, checked before the export is touched: a token, one that the Hub
     accepts and that may write, and a repo we may create or already have. Failures are one UserError.
 
-    ``private``: True means the repo must be private; False or None mean "not asked". Nothing but True is
-    sent to the Hub: an explicit ``private=False`` would override an organisation's private-by-default
-    setting, and ``create_repo(exist_ok=True)`` ignores ``private`` for a repo that already exists, so the
-    repo's actual visibility is read back and a public one is refused when private was asked for.
+    ``private``: True means the repo must be private, False that a new one is created public, None "not asked"
+    (nothing is sent: the organisation's private-by-default setting holds). ``create_repo(exist_ok=True)``
+    ignores ``private`` for a repo that already exists, so the repo's actual visibility is read back and a
+    public one is refused when private was asked for.
     """
     from huggingface_hub import HfApi, get_token
 
@@ -61,7 +61,7 @@ def prepare_push(repo_id: str, private: bool | None = None) -> HubTarget:
         raise UserError(f"cannot push to {repo_id}: the Hugging Face token is read-only; pushing needs a write "
                         "token (or a fine-grained one with write access to the repo)")
     try:
-        url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         is_private = api.repo_info(repo_id, repo_type="model").private
     except Exception as exc:  # noqa: BLE001 - permission, name, network
         raise UserError(f"cannot push to {repo_id}: {_reason(exc, token)}") from None

@@ -14,38 +14,45 @@ from __future__ import annotations
 
 from typing import Any
 
+from medusa_ray import drafters
 from medusa_ray.redact import public_location as redact
 from medusa_ray.redact import source_id  # noqa: F401 - the export marker's checkpoint id
 
-# Settings that describe how the heads were made and say nothing about where: (section, key).
+# Settings that describe how the drafter was made and say nothing about where: (section, key). Every registered
+# drafter's own keys are shapes and counts (``_public_settings``).
 _PUBLIC_SETTINGS: dict[str, tuple[str, ...]] = {
     "distill": ("mode", "temperature", "top_p", "max_tokens", "seed"),
-    "train": ("method", "medusa_num_heads", "medusa_num_layers", "share_lm_head", "eagle3_ttt_steps",
-              "eagle3_draft_vocab_size", "eagle3_layers", "head_decay", "topk", "max_length",
-              "num_workers", "zero_stage", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
+    "train": ("method", "head_decay", "max_length", "num_workers", "zero_stage", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
               "warmup_steps", "max_steps", "epochs", "max_epochs", "min_steps", "step_budget", "patience",
               "val_fraction", "val_min_rows", "val_max_rows", "val_every", "seed"),
     "eval": ("num_prompts", "max_tokens", "num_speculative_tokens"),
 }
-_PUBLIC_META = ("format", "base_model", "method", "medusa_num_heads", "medusa_num_layers", "share_lm_head",
-                "eagle3_ttt_steps", "eagle3_layer_ids", "eagle3_draft_vocab_size", "hidden_size", "vocab_size",
-                "global_step", "zero_stage", "world_size", "metrics", "validation", "base_architectures")
+_PUBLIC_META = ("format", "base_model", "method", "hidden_size", "vocab_size", "global_step", "zero_stage",
+                "world_size", "metrics", "validation", "base_architectures")
 _PUBLIC_DATA = ("rows", "tokens", "truncated", "epoch", "bad_rows")
 _PUBLIC_EVAL = ("base_model", "num_prompts", "max_tokens", "num_speculative_tokens", "acceptance_length",
                 "accepted_per_position", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "output_tokens",
-                "tokens_per_s_base", "tokens_per_s_medusa", "speedup", "outputs_identical", "head_accuracy",
+                "tokens_per_s_base", "tokens_per_s_draft", "tokens_per_s_medusa", "speedup", "outputs_identical", "head_accuracy",
                 "heldout_positions", "method")
 def public_config(config: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"model": redact(config.get("model"))}
-    for section, keys in _PUBLIC_SETTINGS.items():
+    for section, keys in _public_settings().items():
         values = config.get(section) or {}
         out[section] = {k: values[k] for k in keys if k in values}
     return out
 
 
+def _public_settings() -> dict[str, tuple[str, ...]]:
+    own = tuple(k for name in drafters.names() for k in drafters.get(name).keys.model_fields)
+    return {**_PUBLIC_SETTINGS, "train": _PUBLIC_SETTINGS["train"] + own}
+
+
 def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's ``medusa_meta.json`` as an export may carry it."""
+    """A checkpoint's meta (``Meta.flat()``) as an export may carry it: the allow-list, and the drafter's own
+    shape keys (numbers it describes itself by)."""
     out = {k: meta[k] for k in _PUBLIC_META if k in meta}
+    if meta.get("method") in drafters.names():
+        out.update({k: meta[k] for k in drafters.get(meta["method"]).meta_keys if k in meta})
     out["base_model"] = redact(meta.get("base_model"))
     out["config"] = public_config(meta.get("config") or {})
     data = meta.get("data") or {}
