@@ -94,8 +94,12 @@ def test_unknown_drafters_and_keys_are_one_line():
 def test_it_goes_through_train_export_eval_and_the_pipeline(dummy, tmp_path, random_tiny_model, monkeypatch):
     import torch
 
-    from medusa_ray import checkpoint, evaluate, export, pipeline
+    from medusa_ray import checkpoint, cluster, evaluate, export, pipeline
     from medusa_ray.train import TrainResult
+
+    # Registered in this process only (a real drafter is a module of medusa_ray/drafters, which every Ray worker
+    # imports): the stages' Ray tasks run here, as they do when Ray is not up.
+    monkeypatch.setattr(cluster, "run_task", lambda fn, *args, name, num_cpus=1, num_gpus=0, **kw: fn(*args, **kw))
 
     cfg = build_config({}, [f"model={random_tiny_model}", "train.method=dummy", "train.dummy_steps=3",
                             f"export.output_dir={tmp_path / 'export'}"])

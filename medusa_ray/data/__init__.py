@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from medusa_ray.data.chat import IGNORE_INDEX, BadRowError, Prompt, first_prompt, load_tokenizer, tokenize_messages
+# The package face also serves chat rendering and label masking to train, eval and the drafters.
+from medusa_ray.data.chat import (  # noqa: F401
+    IGNORE_INDEX,
+    BadRowError,
+    Prompt,
+    first_prompt,
+    load_tokenizer,
+    tokenize_messages,
+)
 from medusa_ray.errors import UserError
 
 FORMATS = ("sharegpt", "jsonl", "parquet", "hf")

@@ -223,6 +223,16 @@ def detect(draft_dir: Path) -> tuple[type[Drafter], dict[str, Any]]:
     raise UserError(f"{path}: not a drafter any registered method reads ({', '.join(_REGISTRY)})")
 
 
-# The built-in drafters register themselves on import (Medusa first: the default).
-from medusa_ray.drafters import medusa  # noqa: E402,F401,I001
-from medusa_ray.drafters import eagle3  # noqa: E402,F401
+def _import_all() -> None:
+    """Every module of this package registers its drafter on import (Medusa first: the default). Discovered, not
+    listed, so a new drafter is one new module; and every process that imports medusa_ray (Ray workers too)
+    knows every drafter."""
+    import importlib
+    import pkgutil
+
+    names = sorted((m.name for m in pkgutil.iter_modules(__path__)), key=lambda n: (n != "medusa", n))
+    for name in names:
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_import_all()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from medusa_ray.data import IGNORE_INDEX
+from medusa_ray.data import IGNORE_INDEX  # noqa: F401 - heads.py takes it from here
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
