@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from medusa_ray import __version__
+from medusa_ray import __version__, logs
 from medusa_ray.errors import UserError
 from medusa_ray.paths import as_uri, is_remote, join
 
@@ -219,7 +219,6 @@ def run_checkpoints(storage_path: str, run_name: str) -> list[Found]:
     import pyarrow.fs
     from ray.train import Result
 
-    from medusa_ray import logs
 
     logs.adopt_library_loggers()  # Ray Train set its driver-side logger up on import
     run = join(storage_path, run_name)

@@ -6,8 +6,9 @@ import logging
 import os
 from pathlib import Path
 
-from medusa_ray import compat
+from medusa_ray import compat, logs
 from medusa_ray.config import RayConfig
+from medusa_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ def init_ray(cfg: RayConfig) -> None:
     """Connect to ``cfg.address`` or start a local cluster; a no-op when Ray is already up."""
     import ray
 
-    from medusa_ray import logs
 
     if ray.is_initialized():
         return
@@ -90,7 +90,6 @@ def run_task(fn, *args, name: str, num_cpus: float = 1, num_gpus: float = 0, **k
 
     if not ray.is_initialized():
         return fn(*args, **kwargs)
-    from medusa_ray.errors import UserError
 
     remote = ray.remote(fn).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
     try:
@@ -142,7 +141,6 @@ def resolve_accelerator(setting: str, key: str) -> str:
 
     if ray.cluster_resources().get("GPU", 0) > 0:
         return "gpu"
-    from medusa_ray.errors import UserError
 
     try:
         node_types = autoscaler_node_types()

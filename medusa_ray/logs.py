@@ -32,7 +32,6 @@ from typing import Iterator
 
 from medusa_ray import compat
 
-
 VERBOSE_ENV = "MEDUSA_RAY_VERBOSE"
 """Set (by ``--verbose``) in the driver and, through the runtime env, in every Ray worker: libraries log in full."""
 

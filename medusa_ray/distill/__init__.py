@@ -28,15 +28,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medusa_ray import faults
 from medusa_ray.cluster import init_ray
-from medusa_ray.logs import verbose
 from medusa_ray.config import Config
 from medusa_ray.data import input_units
 from medusa_ray.distill.conversation import plan_rounds
 from medusa_ray.distill.output import existing_models, remove_stale_temp_files
-from medusa_ray import faults
 from medusa_ray.errors import UserError, user_error_in
 from medusa_ray.locks import hold
+from medusa_ray.logs import verbose
 from medusa_ray.progress import watch
 from medusa_ray.writable import check_writable
 
@@ -158,10 +158,10 @@ def _generate(cfg: Config, units, out: Path, ledger) -> tuple[dict, list[str]]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    from medusa_ray import logs
     from medusa_ray.distill.conversation import Distiller
     from medusa_ray.distill.engine import open_engine
     from medusa_ray.distill.output import ShardSink
-    from medusa_ray import logs
     from medusa_ray.distill.source import PromptSource, claim
 
     logs.adopt_library_loggers()  # Ray Data set its loggers up on import

@@ -23,8 +23,7 @@ from typing import Any
 
 from medusa_ray import compat, drafters, progress
 from medusa_ray.config import Config
-from medusa_ray.data import read_prompts
-from medusa_ray.data import Prompt
+from medusa_ray.data import Prompt, read_prompts
 from medusa_ray.errors import UserError
 from medusa_ray.paths import check_local_model
 from medusa_ray.writable import check_writable

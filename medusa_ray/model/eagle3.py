@@ -20,6 +20,8 @@ from typing import Any, Iterable
 
 import torch
 
+from medusa_ray.logs import verbose
+
 ATTENTION = "sdpa"
 """Draft attention in training: sdpa trains on CPU and GPU (the library's flex attention has no CPU backward)."""
 FROM_BASE = ("embed_tokens", "lm_head", "verifier_")
@@ -86,7 +88,6 @@ def _library():
     for ``--verbose`` only."""
     from loguru import logger
 
-    from medusa_ray.logs import verbose
 
     (logger.enable if verbose() else logger.disable)("speculators")
 

@@ -17,14 +17,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medusa_ray import drafters, faults, progress
+from medusa_ray import drafters, faults, parquet, progress
 from medusa_ray.checkpoint import best_checkpoint, find_latest_checkpoint, run_checkpoints, worker_nodes
+from medusa_ray.cluster import torch_backend
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
 from medusa_ray.locks import hold
+from medusa_ray.logs import verbose
 from medusa_ray.paths import check_local_model, join
 from medusa_ray.train import run_files
-from medusa_ray.train.worker import Schedule
+from medusa_ray.train.data import check_schema, list_data_files
+from medusa_ray.train.plan import make_plan
+from medusa_ray.train.worker import Schedule, prepare_drafter, train_loop
 from medusa_ray.writable import check_writable
 
 log = logging.getLogger(__name__)
@@ -112,7 +116,6 @@ class TrainResult:
 
 def run(cfg: Config) -> TrainResult:
     """Train the drafter; return the final checkpoint, its global step and its metrics."""
-    from medusa_ray.train.data import check_schema, list_data_files
 
     cfg = _resolve_paths(cfg)
     if len(cfg.methods) > 1:
@@ -137,7 +140,6 @@ def run(cfg: Config) -> TrainResult:
 
 def _train(cfg: Config, files: list[str], hidden_size: int, vocab_size: int, location: str) -> TrainResult:
     from medusa_ray.cluster import init_ray
-    from medusa_ray.train.plan import make_plan
 
     t = cfg.train
     _check_resumable(cfg, hidden_size, vocab_size)
@@ -158,7 +160,6 @@ def _train(cfg: Config, files: list[str], hidden_size: int, vocab_size: int, loc
     drafter = drafters.get(t.method)
     prepared = None
     if drafter.needs_preparation:  # a pass over every training row: a worker's job, not the driver's
-        from medusa_ray.train.worker import prepare_drafter
 
         prepared = run_task(prepare_drafter, cfg.to_dict(), plan.to_dict(), name=f"medusa-ray-{t.method}-prepare")
     print(f"training {drafter.describe_training(t, prepared)} on {plan.train_rows} conversations ({plan.val_rows} "
@@ -177,9 +178,6 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, pr
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from medusa_ray.cluster import torch_backend
-    from medusa_ray.logs import verbose
-    from medusa_ray.train.worker import train_loop
 
     t = cfg.train
     # Checkpoints are ranked by validation; Ray Train keeps the best ones and always the latest (to resume).
@@ -291,7 +289,6 @@ def local_run_dir(cfg: Config) -> Path:
 
 
 def _columns(files: list[str]) -> set[str]:
-    from medusa_ray import parquet
 
     cols: set[str] | None = None
     for f in files:
@@ -310,7 +307,6 @@ def _same_model(a: str, b: str) -> bool:
 def _check_rows_model(files: list[str], model: str, data: str) -> None:
     """Heads learn what ``model`` says: rows distill labelled with another model are refused in one line.
     (Rows without a ``model`` label, made by hand, are taken as they are.)"""
-    from medusa_ray import parquet
 
     labels: set[str] = set()
     for f in files:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medusa_ray import parquet
 from medusa_ray.data import IGNORE_INDEX, BadRowError, load_tokenizer, tokenize_messages
 from medusa_ray.errors import UserError
 
@@ -28,7 +29,6 @@ def list_data_files(data_dir: str) -> list[str]:
 
 def check_schema(files: list[str]) -> None:
     """Fail before any worker starts when a shard lacks a column we need (reads footers only)."""
-    from medusa_ray import parquet
 
     for f in files:
         names = parquet.read_schema(f).names  # readable, and nothing in it can run code when read

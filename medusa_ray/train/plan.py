@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from medusa_ray import parquet
+
 UNIT_ROWS = 64
 COLUMNS = ("id", "messages", "mode")
 
@@ -64,7 +66,6 @@ def make_plan(files: list[str], seed: int, val_fraction: float, val_min: int, va
               ) -> DataPlan:
     """Read the ids, split validation from training, cut units (see the module docstring): small enough that
     each of ``world`` ranks gets several, so a small shard is not all dealt to one rank."""
-    from medusa_ray import parquet
 
     seen: set[str] = set()
     rows: list[tuple[str, int, int, str]] = []  # (file, row group, index, id), first occurrence of each id
@@ -125,7 +126,6 @@ class RowReader:
         self._cache: dict[tuple[str, int], Any] = {}
 
     def rows(self, unit: Unit, indices: list[int]) -> list[dict[str, Any]]:
-        from medusa_ray import parquet
 
         key = (unit.file, unit.row_group)
         table = self._cache.pop(key, None)

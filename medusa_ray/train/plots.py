@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-
 _PER_POSITION = re.compile(r"^(medusa\d+|eagle3_step\d+)_loss$")
 
 
