@@ -103,6 +103,7 @@ class _Cluster:
         self.env.pop("RAY_ADDRESS", None)
         self.env.pop("RAY_AUTH_TOKEN_PATH", None)
         self.procs: list[subprocess.Popen] = []
+        self.workers: list[list] = []  # [process, its ray start arguments, attempts]
         self.logs: list = []
         self.attempts = 0
         self._launch_head()
@@ -135,8 +136,20 @@ class _Cluster:
             f"--ray-client-server-port={client}"])
 
     def add_worker(self, num_cpus: int, num_gpus: int = 0) -> None:
-        self._start(f"worker{len(self.procs)}", [f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={num_cpus}",
-                                                  f"--num-gpus={num_gpus}"])
+        args = [f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
+        self.workers.append([self._start(f"worker{len(self.procs)}", args), args, 1])
+
+    def _restart_failed_workers(self) -> None:
+        """A worker's raylet also has 30 s to register, which a loaded machine can miss ("The current node timed
+        out during startup"): one fresh attempt each, as for the head, then it is a real failure."""
+        for entry in self.workers:
+            proc, args, attempts = entry
+            if proc.poll() is None or proc.returncode == 0:
+                continue
+            if attempts >= 2:
+                raise RuntimeError(f"a worker's ray start exited {proc.returncode}:\n{self._log_tail()}")
+            self.procs.remove(proc)
+            entry[:] = [self._start(f"worker{len(self.procs)}-again", args), args, attempts + 1]
 
     def client(self, nodes: int, timeout: float = 180):
         """The Jobs API client, once the dashboard answers and ``nodes`` nodes are alive."""
@@ -153,6 +166,7 @@ class _Cluster:
                     self._launch_head()
                     continue
                 raise RuntimeError(f"ray start exited {self.head.returncode}:\n{self._log_tail()}")
+            self._restart_failed_workers()
             try:
                 client = JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
                 client.list_jobs()
