@@ -148,7 +148,14 @@ class TrainConfig(_Section):
     use_gpu: Literal["auto", True, False] = "auto"
     """Train on GPUs; ``auto``: when the cluster has GPUs or its autoscaler can add them."""
     zero_stage: int = Field(2, ge=0, le=3)
-    """DeepSpeed ZeRO stage."""
+    """DeepSpeed ZeRO stage (of the drafter)."""
+    shard_base: Literal["auto", True, False] = "auto"
+    """Partition the frozen base across the workers (ZeRO-3), loaded one safetensors file at a time, so that no
+    worker ever holds all of it. ``auto``: when the base does not fit one worker beside the drafter (the
+    preflight estimate) and there are several workers."""
+    worker_memory_gb: Optional[float] = Field(None, gt=0)
+    """Memory one training worker may use (GPU memory on GPUs, RAM on CPU), for the preflight check. Default:
+    the GPU's memory, or the node's RAM divided among the workers on it."""
     batch_size: int = Field(8, ge=1)
     """Sequences per worker per micro-step."""
     grad_accum: int = Field(1, ge=1)
