@@ -359,13 +359,18 @@ def serve_deployment(cfg: Config) -> Iterator[str]:
     name = app_name(cfg)
 
     def start() -> None:
+        from medusa_ray.preflight import prepare_engine
+
         _check_model(cfg)
+        accelerator = _accelerator(cfg)
+        # A base bigger than one GPU gets the tensor_parallel_size that fits (refused when none does); Serve LLM
+        # then reserves tp x pp GPU bundles per replica (PACK) from these kwargs.
+        engine_kwargs = prepare_engine(cfg, "distill", _with_cpu_defaults(_engine_kwargs(cfg), accelerator),
+                                       accelerator)
         # Serve's own switches: no access line per request, text records, files in the run's log dir.
         logging_config = logs.serve_logging()
         # Handles only: no HTTP proxy, so no port to collide with other Serve apps on the machine.
         serve.start(proxy_location="Disabled", logging_config=logging_config)
-        accelerator = _accelerator(cfg)
-        engine_kwargs = _with_cpu_defaults(_engine_kwargs(cfg), accelerator)
         # Serve LLM builds the engine as an OpenAI server, whose default batch is smaller than the offline one
         # (128 sequences on CPU): distillation is offline work, so the engine batches all we keep in flight.
         engine_kwargs.setdefault("max_num_seqs", in_flight_per_replica(cfg))

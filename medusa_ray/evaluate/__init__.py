@@ -196,7 +196,14 @@ def run(cfg: Config, draft_dir: str | None = None, compare_untrained: bool = Fal
 
     gpus = 0
     if ray.is_initialized() and resolve_accelerator(cfg.eval.accelerator, "eval.accelerator") == "gpu":
-        engine = cfg.eval.engine_kwargs
+        from medusa_ray.preflight import prepare_engine
+
+        # A base bigger than one GPU gets the tensor_parallel_size that fits (refused when none does, or when no
+        # node has the tp x pp GPUs the task claims); both engines in the task use it.
+        engine = prepare_engine(cfg.model_copy(update={"model": base}), "eval", cfg.eval.engine_kwargs, "gpu")
+        if engine != cfg.eval.engine_kwargs:
+            cfg = cfg.model_copy(deep=True)
+            cfg.eval.engine_kwargs = engine
         gpus = int(engine.get("tensor_parallel_size", 1)) * int(engine.get("pipeline_parallel_size", 1))
     board = progress.board("eval", "prompts", lambda s: (s["done"], s["total"], "")) if ray.is_initialized() \
         else contextlib.nullcontext()
