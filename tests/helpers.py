@@ -91,3 +91,19 @@ def write_distilled(out_dir: Path, n: int = 256, seed: int = 7, model: str = "ti
         (out_dir / "errors").mkdir(exist_ok=True)
         pq.write_table(pa.table({"id": ["x"], "error": ["timeout"]}), out_dir / "errors" / "part-00000.parquet")
     return out_dir
+
+
+LLAMA_70B_CONFIG = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256,
+    "tie_word_embeddings": False, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    "torch_dtype": "bfloat16",
+}
+"""The shape of Llama-3.1-70B's config.json (70.55e9 parameters): a base the preflight sizes without weights."""
+
+
+def write_model_config(out_dir: Path, config: dict) -> str:
+    """A model directory holding only ``config.json``: enough for ``AutoConfig`` and the preflight."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return str(out_dir)

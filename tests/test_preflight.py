@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from helpers import LLAMA_70B_CONFIG, write_model_config
 
 from medusa_ray import preflight
 from medusa_ray.config import build_config
 from medusa_ray.errors import UserError
 
-LLAMA_70B = {
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "num_hidden_layers": 80,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256,
-    "tie_word_embeddings": False, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-    "torch_dtype": "bfloat16",
-}
+LLAMA_70B = LLAMA_70B_CONFIG
 SMALL = {**LLAMA_70B, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
          "intermediate_size": 512, "vocab_size": 1024, "max_position_embeddings": 2048}
 
 
 def _model(tmp_path, config: dict, name: str) -> str:
-    path = tmp_path / name
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps(config))
-    return str(path)
+    return write_model_config(tmp_path / name, config)
 
 
 @pytest.fixture
