@@ -22,6 +22,9 @@ CRD_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"
 KUBERAY = REPO / "cluster" / "kuberay"
 LAUNCHERS = [REPO / "cluster" / "aws.yaml", REPO / "cluster" / "gcp.yaml"]
 STAGES = ["distill", "train", "export", "eval", "pipeline"]
+# The long-lived autoscaling cluster and the job run on it; beside them, RayJobs that bring a cluster of their own.
+MAIN = ("raycluster.yaml", "rayjob.yaml")
+JOB_CLUSTERS = [KUBERAY / "rayjob-70b.yaml"]
 
 
 def _docs(path: Path) -> list[dict]:
@@ -33,8 +36,9 @@ def _manifests() -> list[tuple[Path, dict]]:
 
 
 def _one(kind: str) -> dict:
-    found = [d for _, d in _manifests() if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind} under cluster/kuberay/, found {len(found)}"
+    """The one ``kind`` of the main manifests (raycluster.yaml, rayjob.yaml)."""
+    found = [d for p, d in _manifests() if p.name in MAIN and d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind} in {MAIN}, found {len(found)}"
     return found[0]
 
 
@@ -302,12 +306,23 @@ def _kuberay_security_problems(docs: dict[str, dict]) -> list[str]:
     return problems
 
 
-def _kuberay_docs() -> dict[str, dict]:
-    return {d["kind"]: d for _, d in _manifests()}
+def _kuberay_docs(name: str = "raycluster.yaml") -> dict[str, dict]:
+    """The objects of one cluster by kind: raycluster.yaml with rayjob.yaml, or a RayJob file whose own cluster
+    (``rayClusterSpec``) stands as its RayCluster."""
+    if name == "raycluster.yaml":
+        return {d["kind"]: d for p, d in _manifests() if p.name in MAIN}
+    docs = {d["kind"]: d for d in _docs(KUBERAY / name)}
+    job = docs["RayJob"]
+    docs["RayCluster"] = {"metadata": job["metadata"], "spec": job["spec"]["rayClusterSpec"]}
+    return docs
 
 
-def test_kuberay_cluster_is_locked():
-    assert _kuberay_security_problems(_kuberay_docs()) == []
+CLUSTERS = ["raycluster.yaml", *(p.name for p in JOB_CLUSTERS)]
+
+
+@pytest.mark.parametrize("name", CLUSTERS)
+def test_kuberay_cluster_is_locked(name):
+    assert _kuberay_security_problems(_kuberay_docs(name)) == []
 
 
 @pytest.mark.parametrize("mutate, expected", [
@@ -325,8 +340,9 @@ def test_kuberay_cluster_is_locked():
     (lambda d: d["RayJob"]["spec"].pop("submitterPodTemplate"), "RAY_AUTH_TOKEN"),
 ], ids=["no-auth", "no-policy", "open-cidr", "extra-port", "escalation", "root", "write-token-on-workers",
         "submitter-without-token"])
-def test_security_review_catches(mutate, expected):
-    docs = copy.deepcopy(_kuberay_docs())
+@pytest.mark.parametrize("name", CLUSTERS)
+def test_security_review_catches(mutate, expected, name):
+    docs = copy.deepcopy(_kuberay_docs(name))
     mutate(docs)
     assert any(expected in p for p in _kuberay_security_problems(docs)), _kuberay_security_problems(docs)
 
@@ -363,6 +379,104 @@ def test_rayjob_runs_the_pipeline_on_the_raycluster_with_a_valid_config(tmp_path
     for path in (cfg.distill.output_dir, cfg.train.storage_path, cfg.export.output_dir):
         assert path.startswith("/mnt/shared/") or path.startswith("s3://"), path
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+
+
+# --- the 70B example: a RayJob with a GPU cluster of its own ----------------------------------------------
+
+def _image_workdir() -> str:
+    return re.search(r"^WORKDIR\s+(\S+)", (REPO / "cluster" / "Dockerfile").read_text(), re.MULTILINE).group(1)
+
+
+def _70b() -> tuple[dict, dict, dict]:
+    """(docs by kind, the RayJob's spec, its cluster's spec) of rayjob-70b.yaml."""
+    docs = _kuberay_docs("rayjob-70b.yaml")
+    return docs, docs["RayJob"]["spec"], docs["RayCluster"]["spec"]
+
+
+def _70b_config(overrides: list[str] | None = None):
+    from medusa_ray.cli import build_parser
+    from medusa_ray.config import load_config
+
+    argv = shlex.split(_70b()[1]["entrypoint"])
+    args = build_parser().parse_args(["pipeline", *argv[2:]])
+    path = REPO / Path(args.config).relative_to(_image_workdir())
+    assert path == REPO / "configs" / "llama-70b.yaml"
+    return load_config(path, [*args.overrides, *(overrides or [])])
+
+
+def test_70b_rayjob_brings_its_gpu_nodes_and_runs_the_70b_config():
+    import ray
+
+    docs, job, spec = _70b()
+    assert spec["rayVersion"] == ray.__version__
+    assert "clusterSelector" not in job and job["shutdownAfterJobFinishes"] is True
+    pods = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+    # The same image as the main cluster everywhere, the submitter's included.
+    main_image = _containers(_one("RayCluster")["spec"]["headGroupSpec"]["template"])[0]["image"]
+    assert {c["image"] for p in [*pods, job["submitterPodTemplate"]] for c in _containers(p)} == {main_image}
+    head = _containers(spec["headGroupSpec"]["template"])[0]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    # A fixed group of whole 8-GPU nodes, with shared memory for NCCL and vLLM's tensor-parallel workers.
+    (group,) = spec["workerGroupSpecs"]
+    worker = _containers(group["template"])[0]
+    assert worker["resources"]["requests"] == worker["resources"]["limits"]
+    gpus_per_node, nodes = int(worker["resources"]["limits"]["nvidia.com/gpu"]), group["replicas"]
+    assert gpus_per_node == 8 and nodes == group["minReplicas"] == group["maxReplicas"] >= 2
+    assert any(t["key"] == "nvidia.com/gpu" for t in group["template"]["spec"]["tolerations"])
+    mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+    volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    claim = docs["PersistentVolumeClaim"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in _containers(pod)[0]["volumeMounts"]}
+        assert volumes[mounts["/mnt/shared"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+    # The config uses those GPUs: a worker per GPU with the base sharded; engines split by tensor parallelism.
+    cfg = _70b_config()
+    t = cfg.train
+    assert t.num_workers == nodes * gpus_per_node and t.use_gpu is True and t.shard_base is True
+    assert t.zero_stage == 3 and t.storage_path.startswith("s3://")
+    for path in (cfg.distill.output_dir, cfg.export.output_dir, cfg.eval.output_json):
+        assert path.startswith("/mnt/shared/"), path
+    assert cfg.distill.accelerator == cfg.eval.accelerator == "gpu"
+    tp = cfg.distill.engine_kwargs["tensor_parallel_size"]
+    assert gpus_per_node % tp == 0 and cfg.distill.num_replicas * tp == nodes * gpus_per_node
+    assert cfg.eval.engine_kwargs["tensor_parallel_size"] <= gpus_per_node
+
+
+def test_70b_config_passes_the_preflight_on_its_gpus(tmp_path):
+    """The preflight on the example's own numbers (the Hub model's config.json shape, written locally: no
+    download): accepted on the worker group's 16 H100s, refused with too few workers, engines fitting at TP 4.
+    Half the workers (8) would still fit (≈ 30 GiB each); the refusal starts at 2, naming the 3 that fit."""
+    from helpers import LLAMA_70B_CONFIG, write_model_config
+
+    from medusa_ray import preflight
+    from medusa_ray.errors import UserError
+
+    _, _, spec = _70b()
+    (group,) = spec["workerGroupSpecs"]
+    assert group["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-H100-80GB")
+    memory = preflight.GPU_MEMORY_GIB["H100"]
+    base = write_model_config(tmp_path / "llama-3.1-70b", LLAMA_70B_CONFIG)
+    cfg = _70b_config([f"model={base}"])
+    assert preflight.check_train(cfg, on_gpu=True, worker_memory_gib=memory) is True
+    line = preflight.train_estimate(cfg, on_gpu=True, shard_base=True).line()
+    assert line in (REPO / "docs" / "cluster.md").read_text()  # the numbers the docs quote
+    assert preflight.check_train(_70b_config([f"model={base}", "train.num_workers=8"]), True, memory) is True
+    with pytest.raises(UserError) as err:
+        preflight.check_train(_70b_config([f"model={base}", "train.num_workers=2"]), True, memory)
+    assert "\n" not in str(err.value) and "use train.num_workers=3 with train.shard_base=true" in str(err.value)
+    with pytest.raises(UserError, match="train.shard_base=true"):
+        preflight.check_train(_70b_config([f"model={base}", "train.shard_base=false"]), True, memory)
+    # Both engines fit at the configured TP 4; without it the preflight picks 4 too.
+    for section in ("distill", "eval"):
+        kwargs = getattr(cfg, section).engine_kwargs
+        assert preflight.check_engine(cfg, section, kwargs, memory) == kwargs
+        unset = {k: v for k, v in kwargs.items() if k != "tensor_parallel_size"}
+        assert preflight.check_engine(cfg, section, unset, memory)["tensor_parallel_size"] == 4
 
 
 # --- cluster-launcher configs ---------------------------------------------------------------------------
@@ -572,11 +686,12 @@ def test_only_the_hub_cache_is_on_the_shared_volume():
         assert not (name == "HF_HOME" and value.startswith(SHARED)), f"{where}: HF_HOME={value} is on the shared volume"
         if value.startswith(SHARED):
             assert not name.startswith("HF_") or name == "HF_HUB_CACHE", f"{where}: {name}={value} shares Hub state"
-    for source in ["raycluster.yaml", "aws.yaml", "gcp.yaml"]:
+    for source in ["raycluster.yaml", *(p.name for p in JOB_CLUSTERS), "aws.yaml", "gcp.yaml"]:
         assert any(where.startswith(source) and name == "HF_HUB_CACHE" and value.startswith(SHARED)
                    for where, name, value in settings), f"{source}: HF_HUB_CACHE does not point at {SHARED}"
-    # Every pod of the RayCluster reads the same cache.
-    spec = _one("RayCluster")["spec"]
-    for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
-        env = {e["name"]: e.get("value") for e in _containers(pod)[0]["env"]}
-        assert env.get("HF_HUB_CACHE", "").startswith(SHARED) and "HF_HOME" not in env
+    # Every pod of each RayCluster reads the same cache.
+    for name in CLUSTERS:
+        spec = _kuberay_docs(name)["RayCluster"]["spec"]
+        for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+            env = {e["name"]: e.get("value") for e in _containers(pod)[0]["env"]}
+            assert env.get("HF_HUB_CACHE", "").startswith(SHARED) and "HF_HOME" not in env
