@@ -267,7 +267,7 @@ def check_train(cfg: Config, on_gpu: bool, worker_memory_gib: float | None) -> b
         replicated = train_estimate(cfg, on_gpu, False)
         if _fits(replicated, worker_memory_gib):
             return False
-    if wanted is not False and t.num_workers > 1:
+    if wanted is True or (wanted == "auto" and t.num_workers > 1):  # one worker's "share" is the whole base
         sharded = train_estimate(cfg, on_gpu, True)
         if _fits(sharded, worker_memory_gib):
             return True

@@ -103,6 +103,7 @@ def test_shard_base_settings_are_honoured(llama70b, tmp_path):
     small = _model(tmp_path, SMALL, "small")
     assert preflight.check_train(_cfg(small, *four), True, 80) is False  # replicated: it fits
     assert preflight.check_train(_cfg(small, *four, "train.shard_base=true"), True, 80) is True
+    assert preflight.check_train(_cfg(small, "train.shard_base=true"), True, 80) is True  # honoured for one worker
     # Unknown memory refuses nothing: auto means replicated.
     assert preflight.check_train(_cfg(llama70b, "train.num_workers=2"), True, None) is False
     assert preflight.check_train(_cfg(llama70b, "train.shard_base=true"), True, None) is True
