@@ -153,6 +153,12 @@ class TrainConfig(_Section):
     """Partition the frozen base across the workers (ZeRO-3), loaded one safetensors file at a time, so that no
     worker ever holds all of it. ``auto``: when the base does not fit one worker beside the drafter (the
     preflight estimate) and there are several workers."""
+    feature_cache: Literal["auto", True, False] = "auto"
+    """Keep what the drafter reads of the frozen base (its hidden states) for every row in the run's storage after
+    the first pass, and read it back in later epochs, validations, resumes and retries instead of running the base.
+    ``auto``: when the run plans more than one pass and the cache fits ``feature_cache_max_gb``."""
+    feature_cache_max_gb: float = Field(100.0, gt=0)
+    """``feature_cache: auto`` turns the cache off above this size (tokens x hidden size x bytes x layers)."""
     worker_memory_gb: Optional[float] = Field(None, gt=0)
     """Memory one training worker may use (GPU memory on GPUs, RAM on CPU), for the preflight check. Default:
     the GPU's memory, or the node's RAM divided among the workers on it."""

@@ -8,10 +8,10 @@ import torch
 
 from medusa_ray.config import build_config
 from medusa_ray.data.chat import load_tokenizer, tokenize_messages
+from medusa_ray.drafters.medusa import Medusa, medusa_metrics
 from medusa_ray.tiny import corpus
 from medusa_ray.train import worker
 from medusa_ray.train.data import collate
-from medusa_ray.drafters.medusa import Medusa, medusa_metrics
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_training_changes_only_the_heads(process_group, random_tiny_model):
     decoder = worker.decoder_of(base)
     losses = []
     for _ in range(6):
-        stats, tokens, lr = worker.forward_backward(engine, decoder, batch, Medusa(cfg), torch.device("cpu"))
+        features = Medusa(cfg).features(decoder, batch[0], batch[1])
+        stats, tokens, lr = worker.forward_backward(engine, features, batch, Medusa(cfg), torch.device("cpu"))
         losses.append(medusa_metrics(stats, 0.8, 3)["loss"])
         assert lr > 0 and tokens == int(batch[1].sum())
     assert losses[-1] < losses[0] * 0.9, losses

@@ -102,8 +102,23 @@ class Drafter:
     def attach(self, decoder) -> None:
         """Hook into the frozen base's decoder, if the drafter reads more than its last hidden state."""
 
-    def loss(self, engine, decoder, batch, device):
-        """(loss, stats ``[steps, width]``, attention mask) of one micro-batch."""
+    @classmethod
+    def feature_layers(cls, train_cfg) -> int:
+        """Hidden-size-wide tensors per token that ``features`` returns (the feature cache's size)."""
+        return 1
+
+    def features(self, decoder, ids, mask) -> dict[str, Any]:
+        """What the drafter reads of the frozen base for a right-padded batch: named ``[B, T, ...]`` tensors in the
+        base's dtype, computed under ``no_grad``. Position ``t`` depends only on tokens up to ``t``, so each row's
+        first ``len`` positions can be cached and reused in any batch (``medusa_ray.train.features``)."""
+        import torch
+
+        with torch.no_grad():
+            # No KV cache: nothing is generated, and building one costs memory on every step.
+            return {"last": decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state}
+
+    def loss(self, engine, features, batch, device):
+        """(loss, stats ``[steps, width]``, attention mask) of one micro-batch, from its ``features``."""
         raise NotImplementedError
 
     def metrics(self, stats) -> dict[str, float]:

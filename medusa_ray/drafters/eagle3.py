@@ -50,7 +50,7 @@ class Eagle3(Drafter):
     def __init__(self, cfg, prepared=None):
         super().__init__(cfg, prepared)
         self.steps = cfg.train.eagle3_ttt_steps
-        self.features = None
+        self.base_features = None
 
     # ---- config -------------------------------------------------------------------------------------------
     @classmethod
@@ -116,9 +116,17 @@ class Eagle3(Drafter):
     def attach(self, decoder) -> None:
         from medusa_ray.model.eagle3 import BaseFeatures
 
-        self.features = BaseFeatures(decoder, self.prepared["layer_ids"])
+        self.base_features = BaseFeatures(decoder, self.prepared["layer_ids"])
 
-    def loss(self, engine, decoder, batch, device):
+    @classmethod
+    def feature_layers(cls, train_cfg) -> int:
+        return 4  # three auxiliary layers and the last
+
+    def features(self, decoder, ids, mask) -> dict[str, Any]:
+        aux, last = self.base_features(decoder, ids, mask)
+        return {"aux": aux, "last": last}
+
+    def loss(self, engine, features, batch, device):
         """(loss, stats [steps, 5]; attention mask): the library's unrolled loss on the packed batch."""
         from speculators.losses import resolve_loss_config
 
@@ -126,7 +134,7 @@ class Eagle3(Drafter):
         from medusa_ray.model.eagle3 import LOSS, pack, step_stats
 
         ids, mask, labels = (x.to(device) for x in batch)
-        aux, last = self.features(decoder, ids, mask)
+        aux, last = features["aux"].to(device), features["last"].to(device)
         dtype = next(p for p in engine.module.parameters() if p.requires_grad).dtype
         packed, _ = pack(ids, mask, labels, aux, last, IGNORE_INDEX, dtype)
         _, loss, metrics = engine(**packed, ttt_steps=self.steps, ttt_step_loss_decay=self.cfg.train.head_decay,

@@ -101,23 +101,20 @@ class Medusa(Drafter):
     def build(self, base, device, dtype):
         import torch
 
+        from medusa_ray.model.base import output_weight
         from medusa_ray.model.heads import MedusaHeads
 
         t = self.cfg.train
         torch.manual_seed(t.seed)
-        heads = MedusaHeads(t.medusa_num_heads, t.medusa_num_layers, base.get_output_embeddings().weight,
+        heads = MedusaHeads(t.medusa_num_heads, t.medusa_num_layers, output_weight(base, self.cfg.model),
                             share_lm_head=t.share_lm_head)
         return heads.to(device=device, dtype=dtype)
 
-    def loss(self, engine, decoder, batch, device):
+    def loss(self, engine, features, batch, device):
         """(loss, stats [K, 2 + topk]: loss sum, positions, hits@1..topk; attention mask)."""
-        import torch
-
-        ids, mask, labels = (x.to(device) for x in batch)
+        _, mask, labels = (x.to(device) for x in batch)
         dtype = next(engine.module.parameters()).dtype
-        with torch.no_grad():
-            # No KV cache: nothing is generated, and building one costs memory on every step.
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.to(dtype)
+        hidden = features["last"].to(device=device, dtype=dtype)
         t = self.cfg.train
         loss, stats = engine(hidden, labels=labels, head_decay=t.head_decay, topk=t.topk,
                              chunk_tokens=t.logits_chunk_tokens)

@@ -66,3 +66,78 @@ def base_lm_head(base_name: str) -> torch.Tensor:
                         "the output projection from safetensors files only")
     with safe_open(str(shard), framework="pt") as f:
         return f.get_tensor(name).float()
+
+
+def weight_files(base_name: str) -> list[Path]:
+    """The base model's safetensors files, in the order its index lists them (one file when it has no index)."""
+    index = _weight_file(base_name, "model.safetensors.index.json")
+    if index is not None:
+        names = dict.fromkeys(json.loads(index.read_text()).get("weight_map", {}).values())
+        files = [_weight_file(base_name, name) for name in names]
+    else:
+        files = [_weight_file(base_name, "model.safetensors")]
+    if not files or any(f is None for f in files):
+        raise UserError(f"base model {base_name}: no safetensors weights (model.safetensors or its index); the "
+                        "sharded base reads safetensors files only (or set train.shard_base=false)")
+    return files
+
+
+def output_weight(base, base_name: str) -> torch.Tensor:
+    """The base's output projection ``[vocab, hidden]``: the parameter itself when this process holds it whole,
+    read from the safetensors files when ZeRO-3 partitions it across the workers (``sharded_base``) or the model is
+    a skeleton on the meta device (training from a complete feature cache)."""
+    weight = base.get_output_embeddings().weight
+    elsewhere = hasattr(weight, "ds_id") or weight.is_meta  # partitioned, or a skeleton without weights
+    return base_lm_head(base_name).to(weight.dtype) if elsewhere else weight
+
+
+def sharded_base(base_name: str, dtype: torch.dtype, ds_config: dict):
+    """The frozen base, partitioned across every rank of the process group by a ZeRO-3 engine of its own (no
+    optimizer), and loaded so that no process ever holds all of it.
+
+    The model is built under ``deepspeed.zero.Init``, so each parameter is partitioned as it is created (and never
+    initialised: every one is loaded next). Then, one tensor at a time, rank 0 reads it from its safetensors file
+    and ``GatheredParameters`` hands each rank its share. A process's peak is its share of the base plus the
+    largest tensor (twice, on rank 0: the file's pages and the copy), whatever the base's size. Each file is
+    opened per tensor, so its pages are unmapped as soon as the tensor is copied.
+
+    A forward gathers each layer's parameters just before the layer runs and frees them after: every rank must
+    run every forward (the training loop already steps ranks together). Returns the DeepSpeed engine; its
+    ``module`` is the model."""
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(base_name)
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = dict(model.named_parameters())
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    loaded: set[str] = set()
+    rank = dist.get_rank()
+    for path in weight_files(base_name):
+        with safe_open(str(path), framework="pt") as f:  # the header only: every rank checks every shape
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        for name, shape in shapes.items():
+            target = name if name in params else f"{prefix}{name}"
+            param = params.get(target)
+            if param is None or target in loaded:
+                continue  # a tied duplicate, or a tensor this architecture does not use (e.g. rotary caches)
+            if shape != tuple(param.ds_shape):
+                raise UserError(f"base model {base_name}: {name} in {path.name} has shape {shape}, the model "
+                                f"expects {tuple(param.ds_shape)}")
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0:
+                    with safe_open(str(path), framework="pt") as f:
+                        param.data.copy_(f.get_tensor(name))
+            loaded.add(target)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise UserError(f"base model {base_name}: no weight for {missing[:3]} in its safetensors files; the sharded "
+                        "base loads plain checkpoints by name (set train.shard_base=false for this one)")
+    model.requires_grad_(False)
+    model.eval()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    return engine

@@ -84,12 +84,14 @@ def make_tiny_model(
     num_layers: int = 2,
     conversations: list[list[dict[str, str]]] | None = None,
     max_length: int = 256,
+    max_shard_size: str | None = None,
 ) -> Path:
     """Write a loadable Llama model directory to ``out_dir`` (replaced atomically) and return its path.
 
     The tokenizer and the pretraining see ``conversations`` when given (``benchmarks/recipe.py`` passes real
     text), otherwise the generated corpus the demo's prompts come from; pretraining sees ``max_length`` tokens of
-    each."""
+    each. ``max_shard_size`` (e.g. ``"200MB"``) splits the weights into several safetensors files, as large models
+    come."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -128,7 +130,8 @@ def make_tiny_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True,
+                              **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         tokenizer.save_pretrained(tmp)
         (tmp / "medusa_ray_tiny.json").write_text(
             json.dumps({"pretrain_steps": pretrain_steps, "seed": seed}, indent=2)

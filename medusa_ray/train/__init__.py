@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from medusa_ray import drafters, faults, parquet, progress
-from medusa_ray.checkpoint import best_checkpoint, find_latest_checkpoint, run_checkpoints, worker_nodes
+from medusa_ray.checkpoint import (
+    best_checkpoint,
+    find_latest_checkpoint,
+    run_checkpoints,
+    worker_nodes,
+)
 from medusa_ray.cluster import torch_backend
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
@@ -155,6 +160,7 @@ def _train(cfg: Config, files: list[str], hidden_size: int, vocab_size: int, loc
     from medusa_ray.cluster import resolve_accelerator, run_task
 
     use_gpu = t.use_gpu if t.use_gpu != "auto" else resolve_accelerator("auto", "train.use_gpu") == "gpu"
+    t.shard_base = _resolve_shard_base(cfg, bool(use_gpu))
     how = (f"{schedule.total_steps} steps" if not schedule.early_stopping else
            f"up to {schedule.total_steps} steps, stopping when validation stops improving")
     drafter = drafters.get(t.method)
@@ -163,9 +169,57 @@ def _train(cfg: Config, files: list[str], hidden_size: int, vocab_size: int, loc
 
         prepared = run_task(prepare_drafter, cfg.to_dict(), plan.to_dict(), name=f"medusa-ray-{t.method}-prepare")
     print(f"training {drafter.describe_training(t, prepared)} on {plan.train_rows} conversations ({plan.val_rows} "
-          f"held back for validation), {how}, {t.num_workers} worker(s), ZeRO {t.zero_stage}", flush=True)
-    return _fit(cfg, plan, schedule, location, use_gpu, prepared)
+          f"held back for validation), {how}, {t.num_workers} worker(s), ZeRO {t.zero_stage}"
+          f"{', the base sharded across them' if t.shard_base else ''}", flush=True)
+    t.feature_cache, complete = _feature_cache(cfg, plan, schedule, location, bool(use_gpu), hidden_size, prepared)
+    return _fit(cfg, plan, schedule, location, use_gpu, prepared, complete)
 
+
+def _feature_cache(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, hidden_size: int,
+                   prepared) -> tuple[bool, bool]:
+    """Decide ``train.feature_cache`` (``auto``: more than one planned pass, and at most ``feature_cache_max_gb``),
+    say so in one line with its size, and ready the run's cache (kept if it was made for this run's features).
+    Returns (cache on, it already holds every planned row: the workers need not load the base)."""
+    from medusa_ray.train import features
+
+    t = cfg.train
+    drafter = drafters.get(t.method)
+    rows = plan.train_rows + plan.val_rows
+    width = 2 if use_gpu else 4  # the base's dtype: bf16 on GPUs, fp32 on CPU
+    layers = drafter.feature_layers(t)
+    size = rows * t.max_length * hidden_size * width * layers
+    passes = schedule.total_steps * t.num_workers * t.batch_size * t.grad_accum / max(plan.train_rows, 1)
+    on = t.feature_cache if t.feature_cache != "auto" else passes > 1 and size <= t.feature_cache_max_gb * 2**30
+    sizing = (f"at most {size / 2**30:.2f} GiB ({rows} rows x {t.max_length} tokens x {hidden_size} hidden x "
+              f"{width} bytes x {layers} layer{'s' if layers > 1 else ''})")
+    if not on:
+        why = "train.feature_cache=false" if t.feature_cache is False else (
+            "one pass planned" if passes <= 1 else f"over train.feature_cache_max_gb={t.feature_cache_max_gb:g}")
+        print(f"feature cache off ({why}): the base runs on every step; it would be {sizing}", flush=True)
+        return False, False
+    instance = drafter(cfg, prepared)
+    found = features.prepare(location, features.spec(cfg, instance, "bfloat16" if use_gpu else "float32"))
+    complete = bool(found) and features.holds_every_row(location, plan)
+    if complete:
+        state = "; it holds every row already (an earlier attempt's): the workers do not load the base"
+    elif found:
+        state = f"; {found} files kept from an earlier attempt, later passes read it instead of running the base"
+    else:
+        state = "; later passes read it instead of running the base"
+    print(f"feature cache: {sizing} in {join(location, features.DIR)}{state}", flush=True)
+    return True, complete
+
+
+def _resolve_shard_base(cfg: Config, use_gpu: bool) -> bool:
+    """The preflight: per-worker memory estimated from the base's ``config.json``; decides ``shard_base: auto``
+    and refuses, in one line with the numbers and a fix, a run that cannot fit."""
+    from medusa_ray import preflight
+
+    memory = preflight.worker_memory_gib(cfg, use_gpu)
+    shard = preflight.check_train(cfg, use_gpu, memory)
+    known = f" of {memory:.0f} GiB" if memory else " (a worker's memory is unknown: train.worker_memory_gb checks it)"
+    print(f"preflight: {preflight.train_estimate(cfg, use_gpu, shard).line()}{known}", flush=True)
+    return shard
 
 def _render(state: dict[str, Any]) -> tuple[int, int | None, str]:
     postfix = f"loss {state['loss']:.3f}"
@@ -174,8 +228,15 @@ def _render(state: dict[str, Any]) -> tuple[int, int | None, str]:
     return state["step"], state["total"], postfix
 
 
-def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, prepared) -> TrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, prepared,
+         features_complete: bool = False) -> TrainResult:
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
 
@@ -188,7 +249,7 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, pr
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "schedule": asdict(schedule),
                                "run_dir": location, "board": board, "prepared": prepared,
-                               "faults": faults.active()},
+                               "faults": faults.active(), "features_complete": features_complete},
             torch_config=TorchConfig(backend=torch_backend(bool(use_gpu))),
             # SPREAD: one worker per node where possible, so workers don't contend for one node's GPUs and bus.
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=bool(use_gpu),

@@ -38,13 +38,13 @@ def check_schema(files: list[str]) -> None:
 
 
 def tokenize_batch(batch: dict[str, np.ndarray], model: str, max_length: int) -> dict[str, np.ndarray]:
-    """``input_ids``, ``labels``, ``num_labels``, ``truncated`` of the usable rows, and ``bad``: one
+    """``id``, ``input_ids``, ``labels``, ``num_labels``, ``truncated`` of the usable rows, and ``bad``: one
     ``"id=...: reason"`` per row that cannot be templated or masked (skipped, for the caller to count)."""
     tokenizer = load_tokenizer(model)
     n = len(batch["messages"])
     modes = batch["mode"] if "mode" in batch else ["chat"] * n
     ids = batch["id"] if "id" in batch else [f"#{i}" for i in range(n)]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "num_labels": [], "truncated": [], "bad": []}
+    out: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "num_labels": [], "truncated": [], "bad": []}
     for row_id, messages, mode in zip(ids, batch["messages"], modes):
         try:
             messages = [dict(m) for m in messages] if messages is not None else []
@@ -52,11 +52,13 @@ def tokenize_batch(batch: dict[str, np.ndarray], model: str, max_length: int) ->
         except (BadRowError, TypeError, ValueError) as exc:
             out["bad"].append(f"id={row_id}: {exc}")
             continue
+        out["id"].append(str(row_id))
         out["input_ids"].append(np.asarray(ex.input_ids, dtype=np.int32))
         out["labels"].append(np.asarray(ex.labels, dtype=np.int32))
         out["num_labels"].append(sum(1 for x in ex.labels if x != IGNORE_INDEX))
         out["truncated"].append(ex.truncated)
     return {
+        "id": out["id"],
         "input_ids": _ragged(out["input_ids"]),
         "labels": _ragged(out["labels"]),
         "num_labels": np.asarray(out["num_labels"], dtype=np.int64),

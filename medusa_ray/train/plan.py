@@ -177,3 +177,19 @@ def validation_rows(plan: DataPlan, reader: RowReader) -> list[dict[str, Any]]:
     for unit in plan.val:
         out.extend(reader.rows(unit, list(unit.rows)))
     return out
+
+
+def row_ids(plan: DataPlan) -> set[str]:
+    """The ids of every planned row, training and validation (reading the ``id`` column only)."""
+    out: set[str] = set()
+    groups: dict[tuple[str, int], list[int]] = {}
+    for unit in plan.train + plan.val:
+        groups.setdefault((unit.file, unit.row_group), []).extend(unit.rows)
+    for (file, rg), rows in groups.items():
+        pf = parquet.open_file(file)
+        if "id" in pf.schema_arrow.names:
+            ids = pf.read_row_group(rg, columns=["id"]).column("id").to_pylist()
+            out.update(str(ids[i]) for i in rows)
+        else:
+            out.update(f"{file}#{rg}:{i}" for i in rows)
+    return out

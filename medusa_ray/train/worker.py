@@ -30,7 +30,14 @@ from medusa_ray.drafters import Drafter, expected_acceptance
 from medusa_ray.logs import verbose
 from medusa_ray.train import run_files
 from medusa_ray.train.data import collate, tokenize_batch
-from medusa_ray.train.plan import DataPlan, RowReader, epoch_units, to_columns, validation_rows
+from medusa_ray.train.features import FeatureSource, FeatureStore
+from medusa_ray.train.plan import (
+    DataPlan,
+    RowReader,
+    epoch_units,
+    to_columns,
+    validation_rows,
+)
 from medusa_ray.train.plan import batches as plan_batches
 
 log = logging.getLogger(__name__)
@@ -76,13 +83,41 @@ class Schedule:
 
 
 def load_base(cfg: Config, device, dtype):
-    """The frozen base: every parameter requires_grad=False, in ``dtype``, in eval mode."""
+    """The frozen base, whole in this process: every parameter requires_grad=False, in ``dtype``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
     base.requires_grad_(False)
     base.eval()
     return base.to(device)
+
+
+def frozen_base(cfg: Config, device, dtype, needed: bool = True):
+    """(the base model, its ZeRO-3 engine or None). With ``train.shard_base`` (the driver resolved ``auto``) the base
+    is partitioned across the workers by an engine of its own (``medusa_ray.model.base.sharded_base``), which
+    must stay alive: its hooks gather each layer during the forward. Otherwise ``load_base``. Not ``needed`` (the
+    feature cache holds every row): a skeleton on the meta device, its config and shapes without any weights."""
+    if not needed:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=dtype)
+        return skeleton.requires_grad_(False).eval(), None
+    if cfg.train.shard_base is True:
+        from medusa_ray.model.base import sharded_base
+
+        engine = sharded_base(cfg.model, dtype, base_deepspeed_config(cfg, dtype))
+        return engine.module, engine
+    return load_base(cfg, device, dtype), None
+
+
+def base_deepspeed_config(cfg: Config, dtype) -> dict[str, Any]:
+    """The sharded base's engine: ZeRO-3 partitioning, no optimizer (nothing of the base trains)."""
+    import torch
+
+    return {"train_micro_batch_size_per_gpu": cfg.train.batch_size, "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
 def decoder_of(base):
@@ -179,7 +214,9 @@ def safe_checkpoint_engine(stock):
     volume, a bucket) would run code on every worker at resume. What DeepSpeed saves is tensors, containers and
     numbers plus a few of its own and torch's plain types, allow-listed here; anything else is refused by torch's
     restricted unpickler. Only the stock engine is wrapped (a user's own is theirs)."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
 
     if type(stock) is not TorchCheckpointEngine:
         return stock
@@ -307,9 +344,10 @@ class LocalSession(Session):
             self.checkpoints.append(target)
 
 
-def forward_backward(engine, decoder, batch, drafter: Drafter, device):
-    """One micro-step: the drafter's loss, DeepSpeed backward + step. (stats, tokens, learning rate used)."""
-    loss, stats, mask = drafter.loss(engine, decoder, batch, device)
+def forward_backward(engine, features, batch, drafter: Drafter, device):
+    """One micro-step: the drafter's loss on the base's ``features`` of ``batch``, DeepSpeed backward + step.
+    (stats, tokens, learning rate used)."""
+    loss, stats, mask = drafter.loss(engine, features, batch, device)
     engine.backward(loss)
     lr = float(engine.get_lr()[0])  # the rate this update uses (after step() it is the next one's)
     engine.step()
@@ -340,14 +378,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     logs.worker_setup()  # Ray Train gave this worker's root logger a console handler of its own
     return run_loop(Config.model_validate(config["cfg"]), RaySession(), DataPlan.from_dict(config["plan"]),
                     Schedule(**config["schedule"]), config["run_dir"], board=config.get("board"),
-                    prepared=config.get("prepared"), faults=config.get("faults"))
+                    prepared=config.get("prepared"), faults=config.get("faults"),
+                    features_complete=config.get("features_complete", False))
 
 
 def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, location: str,
-             board=None, prepared: dict[str, Any] | None = None, faults: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
-    """Train the drafter on ``plan``'s rows for ``schedule``; validate, checkpoint, stop early (``Trainer``)."""
-    return Trainer(cfg, session, plan, schedule, location, board, prepared, faults).run()
+             board=None, prepared: dict[str, Any] | None = None, faults: dict[str, Any] | None = None,
+             features_complete: bool = False) -> dict[str, Any]:
+    """Train the drafter on ``plan``'s rows for ``schedule``; validate, checkpoint, stop early (``Trainer``).
+    ``features_complete``: the run's feature cache holds every row, so the base is never loaded."""
+    return Trainer(cfg, session, plan, schedule, location, board, prepared, faults, features_complete).run()
 
 
 class StepStats:
@@ -390,7 +430,8 @@ class Trainer:
     """One rank's training: set up in ``__init__``, then ``run``."""
 
     def __init__(self, cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, location: str,
-                 board=None, prepared: dict[str, Any] | None = None, faults: dict[str, Any] | None = None):
+                 board=None, prepared: dict[str, Any] | None = None, faults: dict[str, Any] | None = None,
+                 features_complete: bool = False):
         """``location`` is the run's directory in its storage (a path or URI); rank 0 keeps the run's files there
         and posts its progress to ``board`` (``medusa_ray.progress.Board``), from which the driver draws the bar.
         ``faults`` are test hooks (``medusa_ray.faults``)."""
@@ -405,10 +446,15 @@ class Trainer:
         ds_config = deepspeed_config(cfg, on_gpu)
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.drafter = drafters.get(cfg.train.method)(cfg, prepared)
-        self.base = load_base(cfg, self.device, torch.bfloat16 if on_gpu else torch.float32)
+        self.store = FeatureStore(location, self.rank) if cfg.train.feature_cache is True else None
+        self.base_loaded = self.store is None or not features_complete
+        self.base, self.base_engine = frozen_base(cfg, self.device, torch.bfloat16 if on_gpu else torch.float32,
+                                                  needed=self.base_loaded)
         module = self.drafter.build(self.base, self.device, drafter_dtype(ds_config))
         self.decoder = decoder_of(self.base)
         self.drafter.attach(self.decoder)
+        self.features = FeatureSource(self.drafter, self.decoder if self.base_loaded else None, self.store,
+                                      self.collectives, sharded=self.base_engine is not None)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)  # before ZeRO-3 partitions
         self.engine = init_engine(module, ds_config, schedule.warmup_steps, schedule.total_steps)
 
@@ -451,12 +497,16 @@ class Trainer:
         """Epochs until the schedule ends or validation stops improving; then ``finish``."""
         t = self.cfg.train
         while not self.finished():
+            if self.store is not None:
+                self.store.refresh()  # what every rank cached in the epochs before
             skip = self.progress.batches_in_epoch
             batches = plan_batches(epoch_units(self.plan, t.seed, self.progress.epoch, self.rank, self.world),
                                    self.reader, t.batch_size, skip)
             consumed_any = False
             while not self.finished():
                 batch = next(batches, None)
+                if batch is None and self.store is not None:
+                    self.store.flush()  # before the collective below: the next epoch's ranks read it
                 # Every rank must take the same number of steps (collectives); stop the epoch together.
                 if not self.collectives.all_true(batch is not None):
                     break
@@ -477,8 +527,9 @@ class Trainer:
             _record_rows(self.faults["train_record_rows_dir"], self.rank, self.progress.step + 1, batch)
         batch = tokenize_batch(batch, self.cfg.model, t.max_length)
         self.pending.add_bad(list(batch["bad"]))
-        stats, tokens, self.lr = forward_backward(self.engine, self.decoder, _collate(batch, self.pad_id),
-                                                  self.drafter, self.device)
+        collated = _collate(batch, self.pad_id)
+        features = self.features(batch["id"], collated, self.device)
+        stats, tokens, self.lr = forward_backward(self.engine, features, collated, self.drafter, self.device)
         self.pending.add(stats, tokens, len(batch["input_ids"]), int(batch["truncated"].sum()))
         self.progress.batches_in_epoch += 1
         if self.engine.global_steps != self.progress.step:  # DeepSpeed stepped the optimizer
@@ -498,7 +549,7 @@ class Trainer:
             p.bad_examples = (p.bad_examples + total.bad_examples)[:5]
         self.pending = StepStats(self.drafter.steps, self.drafter.width)
         self.metrics = self.drafter.metrics(total.per_position)
-        self.metrics.update(lr=self.lr, tokens_per_s=total.tokens / max(elapsed, 1e-9), step=p.step)
+        self.metrics.update(lr=self.lr, tokens_per_s=total.tokens / max(elapsed, 1e-9), step=p.step, epoch=p.epoch)
         self.run_tokens, self.run_seconds = self.run_tokens + total.tokens, self.run_seconds + elapsed
         if p.bad_rows > s.max_bad_rows:
             raise BadRowError(f"train data: {p.bad_rows} of {self.plan.train_rows} rows cannot be trained on, "
@@ -527,10 +578,13 @@ class Trainer:
         p, s, drafter = self.progress, self.schedule, self.drafter
         stats = torch.zeros(drafter.steps, drafter.width, dtype=torch.float64)
         with torch.no_grad():
-            for batch, counts in self.validator.batches:
-                _, batch_stats, _ = drafter.loss(self.engine, self.decoder, batch, self.device)
+            for batch, counts, row_ids in self.validator.batches:
+                features = self.features(row_ids, batch, self.device)
+                _, batch_stats, _ = drafter.loss(self.engine, features, batch, self.device)
                 if counts:
                     stats += batch_stats.detach().to("cpu", torch.float64)
+        if self.store is not None:
+            self.store.flush()
         summed = torch.tensor(self.collectives.sum(stats.flatten().tolist()), dtype=torch.float64).view_as(stats)
         per_step = drafter.metrics(summed)
         ea = expected_acceptance(drafter.chain(per_step))
@@ -593,6 +647,8 @@ class Trainer:
             if self.validator is not None and self.validation.get("step") != p.step:
                 self.validate()
             self.checkpoint()
+        if self.store is not None:
+            self.store.flush()
         if self.tracker is not None:
             summary = {**self.metrics, "rows": p.rows, "tokens": p.tokens, "truncated": p.truncated,
                        "bad_rows": p.bad_rows}
@@ -604,7 +660,10 @@ class Trainer:
             run_files.push(self.location)
         return {"resumed_from": self.resumed_from, "progress": asdict(p), "metrics": self.metrics,
                 "validation": self.validation, "plots": [str(x) for x in plots],
-                "peak_memory_mib": _peak_memory_mib(self.device),
+                "peak_memory_mib": _peak_memory_mib(self.device), "base_loaded": self.base_loaded,
+                "base_sharded": self.base_engine is not None,
+                "features": {"computed_rows": self.features.misses, "cached_rows": self.features.hits,
+                             "written_bytes": self.store.written_bytes if self.store is not None else 0},
                 "tokens_per_s": self.run_tokens / self.run_seconds if self.run_seconds else None}
 
     def _post(self) -> None:
@@ -644,14 +703,14 @@ class _Validator:
         per_rank = math.ceil(len(rows) / world)
         self.num_batches = math.ceil(per_rank / t.batch_size)
         tokenized = tokenize_batch(to_columns(mine or rows[:1]), cfg.model, t.max_length)
-        ids, labels = list(tokenized["input_ids"]), list(tokenized["labels"])
+        ids, labels, row_ids = list(tokenized["input_ids"]), list(tokenized["labels"]), tokenized["id"]
         self.batches = []
         for i in range(self.num_batches):
             chunk = slice(i * t.batch_size, (i + 1) * t.batch_size)
             if mine and ids[chunk]:
-                self.batches.append((collate(ids[chunk], labels[chunk], pad_id), True))
+                self.batches.append((collate(ids[chunk], labels[chunk], pad_id), True, row_ids[chunk]))
             else:  # nothing left on this rank: a forward that counts for nothing
-                self.batches.append((collate([[pad_id]], [[IGNORE_INDEX]], pad_id), False))
+                self.batches.append((collate([[pad_id]], [[IGNORE_INDEX]], pad_id), False, []))
         self.rows = len(rows)
 
 
