@@ -36,6 +36,16 @@ _FLAG_KEYS: dict[str, dict[str, str]] = {
         "plot": "eval.plot",
     },
     "pipeline": {},
+    "serve": {"model": "model", "host": "serve.host", "port": "serve.port", "model_id": "serve.model_id"},
+    "bench": {
+        "model": "model",
+        "prompts": "eval.prompts",
+        "requests": "eval.bench_requests",
+        "max_tokens": "eval.max_tokens",
+        "target": "eval.target_concurrency",
+        "output_json": "eval.bench_output_json",
+        "plot": "eval.bench_plot",
+    },
 }
 
 
@@ -45,7 +55,7 @@ def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="full logs on the console (they always go to the log file)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections: model, ray, distill, train, "
-                   "export, eval)")
+                   "export, eval, serve)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
     return p
 
@@ -94,6 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="PNG of acceptance per position (= eval.plot)")
 
     _stage_parser(sub, "pipeline", "distill -> train -> export -> eval in one run")
+
+    p = _stage_parser(sub, "serve", "serve the base with its drafter as an OpenAI-compatible Ray Serve LLM app")
+    p.add_argument("--draft", metavar="DIR", help="exported drafter directory (default: export.output_dir)")
+    p.add_argument("--no-draft", action="store_true", help="serve the plain base, without a drafter")
+    p.add_argument("--model", help="base model (= model; default: the base the draft was exported for)")
+    p.add_argument("--model-id", help="the name clients put in `model` (= serve.model_id)")
+    p.add_argument("--host", help="= serve.host")
+    p.add_argument("--port", type=int, help="= serve.port")
+    p.add_argument("--detach", action="store_true",
+                   help="return once the app is healthy and leave it running (default: serve until Ctrl-C)")
+
+    p = _stage_parser(sub, "bench", "load benchmark of the served app through the openai client, with and "
+                      "without the drafter(s), at eval.concurrency clients")
+    p.add_argument("--draft", metavar="DIR", action="append",
+                   help="exported drafter directory; repeat to compare several (default: export.output_dir)")
+    p.add_argument("--model", help="base model (= model; default: the base the draft was exported for)")
+    p.add_argument("--prompts", help="= eval.prompts")
+    p.add_argument("--concurrency", metavar="1,4,16", help="concurrent clients per level (= eval.concurrency)")
+    p.add_argument("--requests", type=int, help="requests per level (= eval.bench_requests)")
+    p.add_argument("--max-tokens", type=int, help="= eval.max_tokens")
+    p.add_argument("--target", type=int, help="the concurrency you serve (= eval.target_concurrency)")
+    p.add_argument("--output-json", help="= eval.bench_output_json")
+    p.add_argument("--plot", help="PNG of speed-up against concurrency (= eval.bench_plot)")
     return parser
 
 
@@ -105,6 +138,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if value is not None:
             # repr keeps strings as YAML strings ('007' stays text) and numbers/bools as they are.
             overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+    if getattr(args, "concurrency", None):
+        overrides.append(f"eval.concurrency=[{args.concurrency}]")
     return load_config(args.config, overrides)
 
 
@@ -126,7 +161,15 @@ def log_location(cfg: Config, command: str, draft: str | None = None) -> tuple[s
         return cfg.distill.output_dir, "distill.output_dir"
     if command == "export":
         return str(Path(cfg.export.output_dir).expanduser().parent), "export.output_dir"
-    if cfg.eval.output_json:
+    if command == "serve":
+        return str(Path(cfg.distill.output_dir).expanduser().parent), "distill.output_dir"
+    if command == "bench" and not (cfg.eval.bench_output_json or cfg.eval.bench_plot):
+        return str(Path(cfg.export.output_dir).expanduser().parent), "export.output_dir"
+    if command == "bench" and cfg.eval.bench_output_json:
+        return str(Path(cfg.eval.bench_output_json).expanduser().parent), "eval.bench_output_json"
+    if command == "bench" and cfg.eval.bench_plot:
+        return str(Path(cfg.eval.bench_plot).expanduser().parent), "eval.bench_plot"
+    if cfg.eval.output_json and command != "bench":
         return str(Path(cfg.eval.output_json).expanduser().parent), "eval.output_json"
     return str(Path(draft or cfg.export.output_dir).expanduser().parent), "--draft"
 
@@ -168,9 +211,32 @@ def run_stage(args: argparse.Namespace, cfg: Config):
         from medusa_ray import evaluate
 
         return evaluate.run(cfg, draft_dir=draft_dir(args))
+    if args.command == "serve":
+        from medusa_ray import serve
+
+        return serve.run(cfg, draft_dir=None if args.no_draft else (args.draft or serve.DEFAULT_DRAFT))
+    if args.command == "bench":
+        from medusa_ray.serve import bench
+
+        return bench.run(cfg, draft_dirs=args.draft)
     from medusa_ray import pipeline
 
     return pipeline.run(cfg)
+
+
+def serve_until_interrupted(result) -> None:
+    """``medusa-ray serve`` without ``--detach``: keep the app up until Ctrl-C (or the job is stopped), then
+    delete it."""
+    import time
+
+    print("serving; Ctrl-C stops and deletes the app", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        result.shutdown()
 
 
 def execute(args: argparse.Namespace, prog: str, before_stage=None) -> int:
@@ -193,6 +259,8 @@ def execute(args: argparse.Namespace, prog: str, before_stage=None) -> int:
             print(("\n" if args.command in ("train", "pipeline") else "") + result.summary(), flush=True)
         finally:
             print(f"full log: {log_path}", flush=True)
+        if args.command == "serve" and not args.detach:
+            serve_until_interrupted(result)
         return 0
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -79,6 +79,19 @@ def serve_replica_nodes(app_name: str) -> list[str]:
     return sorted({r["node_id"] for d in deployments for r in d.get("replicas", []) if r.get("node_id")})
 
 
+def serve_http_address() -> tuple[str, int] | None:
+    """Where the running Serve's HTTP proxy listens: ``serve.start`` on a running Serve keeps the proxy it has
+    (and says nothing), so ``medusa-ray serve`` reads back the address clients must use. No public API has it;
+    the controller's details (what ``serve status`` prints) do."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    http = client.get_serve_details().get("http_options") or {}
+    return (http["host"], int(http["port"])) if http.get("host") is not None and http.get("port") else None
+
+
 # ---- Ray's autoscaler state -----------------------------------------------------------------------------------
 # ``auto`` accelerators mean "GPU when the cluster has GPUs or its autoscaler can add them". No public API lists
 # the node types an autoscaler can add; the GCS cluster config and the monitor's status report do.

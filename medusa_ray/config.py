@@ -247,6 +247,13 @@ class TrainConfig(_Section):
         return self
 
 
+class PushIf(_Section):
+    min_acceptance_length: Optional[float] = Field(None, ge=1.0)
+    """Push only when vLLM's measured acceptance length is at least this."""
+    min_speedup: Optional[float] = Field(None, gt=0.0)
+    """Push only when the measured speed-up is at least this."""
+
+
 class ExportConfig(_Section):
     output_dir: str = "outputs/export"
     """Export directory (``medusa_lm_head.safetensors``, ``config.json``, tokenizer, model card)."""
@@ -257,6 +264,10 @@ class ExportConfig(_Section):
     ``false``: create it public; unset: the account's or organisation's default."""
     overwrite: bool = False
     """Replace an existing, different export in ``output_dir``."""
+    push_if: Optional[PushIf] = None
+    """In ``pipeline``: push to ``push_to_hub`` only when eval's numbers clear these thresholds
+    (``{min_acceptance_length: 1.5, min_speedup: 1.1}``; the speed-up is the load benchmark's at
+    ``eval.target_concurrency`` when ``eval.bench`` ran, else eval's offline one). Unset: always push."""
 
 
 class EvalConfig(_Section):
@@ -280,6 +291,78 @@ class EvalConfig(_Section):
     """Where the vLLM engines run; ``auto``: GPU when the cluster has GPUs or its autoscaler can add them."""
     compare_untrained: bool = True
     """In ``pipeline``: also measure heads of the same shape before training, to show what training bought."""
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16, 64], min_length=1)
+    """Load benchmark (``medusa-ray bench``): concurrent OpenAI clients, one level after another."""
+    target_concurrency: Optional[int] = Field(None, ge=1)
+    """The load you serve: the level whose speed-up chooses between drafters and gates ``export.push_if``.
+    Default: the largest of ``concurrency``."""
+    bench: bool = False
+    """In ``pipeline``: after eval, also run the load benchmark through Serve (each drafter and the plain base)."""
+    bench_requests: int = Field(32, ge=1)
+    """Requests per concurrency level (at least one per client); the same prompts, in the same order, for the base
+    and each drafter."""
+    bench_timeout_s: float = Field(600.0, gt=0.0)
+    """One concurrency level's time limit: requests not done by then are cancelled and counted as failed."""
+    bench_output_json: Optional[str] = None
+    """Write the benchmark's results as JSON here (default: beside the plot)."""
+    bench_plot: Optional[str] = None
+    """PNG of speed-up against concurrency (default: ``bench.png`` beside the first drafter's export)."""
+
+    @model_validator(mode="after")
+    def _levels(self) -> "EvalConfig":
+        if any(c < 1 for c in self.concurrency):
+            raise ValueError("concurrency levels must be at least 1")
+        return self
+
+
+class ServeConfig(_Section):
+    model_id: Optional[str] = None
+    """The name clients put in ``model``. Default: the base's Hub id, or its directory name."""
+    app_name: str = "medusa-ray"
+    """The Serve application's name (``serve status``)."""
+    host: str = "127.0.0.1"
+    """Where Serve's HTTP proxy listens: loopback by default; ``0.0.0.0`` to serve the cluster's network (the
+    app has no authentication of its own: put it behind your gateway)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port of Serve's proxy (the OpenAI API is at ``http://HOST:PORT/v1``)."""
+    num_replicas: int = Field(1, ge=1)
+    """vLLM replicas (fixed), unless ``min_replicas``/``max_replicas`` turn on autoscaling."""
+    min_replicas: Optional[int] = Field(None, ge=0)
+    """Autoscaling lower bound."""
+    max_replicas: Optional[int] = Field(None, ge=1)
+    """Autoscaling upper bound."""
+    target_ongoing_requests: int = Field(16, ge=1)
+    """With autoscaling: requests in flight per replica that Serve scales towards (fewer: lower latency, more
+    replicas)."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where vLLM runs; ``auto``: GPU when the cluster has GPUs or its autoscaler can add them."""
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Passed to the vLLM engine (``max_model_len``, ``tensor_parallel_size``, ``max_num_seqs``...)."""
+    num_speculative_tokens: Optional[int] = Field(None, ge=1)
+    """Draft tokens per step. Default: the drafter's trained positions."""
+    engine_metrics: bool = True
+    """Export vLLM's metrics (latencies, spec-decode acceptance) to Ray's Prometheus endpoint; the load benchmark
+    reads the acceptance length from them."""
+    stream_batching_interval_ms: Optional[float] = Field(None, ge=0.0)
+    """Serve LLM sends a stream's tokens in batches this often (its default: 50 ms); 0 sends every engine step
+    as it comes, which is what time-to-first-token and inter-token latency measure best."""
+    startup_timeout_s: float = Field(1800.0, gt=0.0)
+    """Give up when the app is not healthy after this long (first start downloads and loads the base)."""
+    capture: bool = False
+    """Record the prompts the app receives (opt-in) as messages JSONL that ``distill.input`` reads."""
+    capture_dir: Optional[str] = None
+    """Where captured prompts go (a directory every replica's node can write). Default:
+    ``<distill.output_dir>/../traffic``."""
+    capture_rate: float = Field(1.0, gt=0.0, le=1.0)
+    """Share of chat requests recorded (sampled per request)."""
+    capture_max_mb: float = Field(100.0, gt=0.0)
+    """Stop recording once the replica's capture file reaches this size."""
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServeConfig":
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
 
 
 class Config(_Section):
@@ -290,6 +373,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @property
     def train_data(self) -> str:
