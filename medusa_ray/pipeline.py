@@ -47,6 +47,14 @@ class PipelineSummary:
     """Training's curves and validation, eval's acceptance per position."""
     nodes: dict[str, list[str]] = field(default_factory=dict)
     """Ray node ids each stage's work ran on, and the driver's (``driver``)."""
+    pushed: str | None = None
+    """The Hub URL the chosen export went to, when ``export.push_if`` held (None: not pushed)."""
+    push_decision: str | None = None
+    """``export.push_if``'s verdict, one line."""
+    speedup_where: str = "offline eval"
+    """Where ``speedup`` was measured: eval's offline batch, or the load benchmark at N clients."""
+    bench_table: str | None = None
+    """The load benchmark's table, when ``eval.bench`` ran."""
 
     def summary(self) -> str:
         def fmt(v: Any) -> str:
@@ -64,16 +72,20 @@ class PipelineSummary:
             ("expected acceptance (validation)", self.expected_acceptance),
             (f"acceptance length (trained {what})", self.acceptance_length),
             (f"acceptance length (untrained {what})", self.acceptance_length_untrained),
-            ("speed-up vs. no speculation", self.speedup),
+            (f"speed-up vs. no speculation ({self.speedup_where})", self.speedup),
             ("greedy outputs identical", self.outputs_identical),
             ("export", self.export_dir),
         ] + [("plot", plot) for plot in self.plots]
+        if self.push_decision:
+            rows.append(("push", self.push_decision))
         if self.compared:
             rows = rows[:1] + [("drafter (the faster)", self.method)] + rows[1:]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {fmt(v)}" for k, v in rows]
         if self.compared:
             lines += ["", comparison_table(self.compared, self.method)]
+        if self.bench_table:
+            lines += ["", self.bench_table]
         return "\n".join(lines)
 
 
@@ -318,8 +330,85 @@ def _note_comparison(compared: dict[str, dict[str, Any]], fastest: str) -> None:
         export.record_comparison(Path(c["export_dir"]), table)
 
 
+def _bench(cfg: Config, work: Path, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The load benchmark of every drafter trained, against the plain base, through Serve: each run's
+    ``speedup`` becomes the one measured at ``eval.target_concurrency`` (eval's offline one is kept as
+    ``speedup_offline``), and each export records the table in its card."""
+    from medusa_ray import export
+    from medusa_ray.serve import bench
+
+    if cfg.eval.bench_plot is None:
+        cfg = _stage_config(cfg, eval={"bench_plot": str(work / "bench.png")})
+    results = bench.run(cfg, draft_dirs=[r["export_dir"] for r in runs.values()])
+    print(results.summary(), flush=True)
+    target = results["target_concurrency"]
+    for name, measured in results["drafters"].items():
+        run = runs[measured["method"]]
+        run["speedup_offline"] = run["speedup"]
+        run["speedup"] = measured["speedup_at_target"]
+        run["speedup_where"] = f"{target} clients"
+        run["outputs_identical"] = bool(run["outputs_identical"]) and measured["identical"]
+        run["plots"] = run["plots"] + [results["plot"]]
+        export.record_bench(Path(run["export_dir"]), results, name)
+    if results["best_at_target"] is None:
+        log.warning("no drafter beats plain decoding at %d concurrent clients (eval.target_concurrency)", target)
+    return results
+
+
+def push_gate(push_if, acceptance_length: float | None, speedup: float | None, where: str) -> tuple[bool, str]:
+    """Whether the measured numbers clear ``export.push_if``, and why, in one line (``where``: what the speed-up
+    was measured at). A number that was not measured does not clear its threshold."""
+    checks = []
+    if push_if.min_acceptance_length is not None:
+        checks.append(("acceptance length", acceptance_length, push_if.min_acceptance_length, ""))
+    if push_if.min_speedup is not None:
+        checks.append(("speed-up", speedup, push_if.min_speedup, f" ({where})"))
+    failed, held = [], []
+    for name, value, threshold, note in checks:
+        shown = "not measured" if value is None else f"{value:.3f}"
+        if value is None or value < threshold:
+            failed.append(f"{name} {shown}{note} < {threshold:g}")
+        else:
+            held.append(f"{name} {shown}{note} >= {threshold:g}")
+    return not failed, "; ".join(failed or held) or "no thresholds set"
+
+
+def _publish(cfg: Config, method: str, export_dir: str, acceptance_length: float | None, speedup: float | None,
+             where: str) -> tuple[str | None, str | None]:
+    """Push the chosen export once eval (and the benchmark) said it pays: ``(hub url, decision)``; one log line
+    either way, and nothing is sent to the Hub when a threshold fails."""
+    repo, push_if = cfg.export.push_to_hub, cfg.export.push_if
+    if not repo or push_if is None:
+        return None, None
+    ok, why = push_gate(push_if, acceptance_length, speedup, where)
+    if not ok:
+        decision = f"not pushed to {repo}: {method} falls short of export.push_if ({why})"
+        log.warning("export.push_if: %s", decision)
+        return None, decision
+    from medusa_ray import export
+
+    url = export.push(Path(export_dir), repo, cfg.export.private)
+    decision = f"pushed {method} to {url} (export.push_if: {why})"
+    log.info("export.push_if: %s", decision)
+    return url, decision
+
+
+def _hold_push(cfg: Config) -> Config:
+    """With ``export.push_if``, the stages export without pushing; the pipeline pushes at the end if the numbers
+    hold. A missing token is refused now, not after training (the Hub itself is asked only when pushing)."""
+    if not (cfg.export.push_to_hub and cfg.export.push_if is not None):
+        return cfg
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise UserError(f"export.push_to_hub={cfg.export.push_to_hub}: no Hugging Face token (set HF_TOKEN or run "
+                        "`hf auth login`)")
+    return _stage_config(cfg, export={"push_to_hub": None})
+
+
 def _pipeline(cfg: Config) -> PipelineSummary:
     work = _work_dir(cfg)
+    publish_cfg, cfg = cfg, _hold_push(cfg)
     if cfg.eval.prompts is None:
         cfg = _split_heldout(cfg, work)
     if cfg.eval.plot is None:
@@ -331,10 +420,13 @@ def _pipeline(cfg: Config) -> PipelineSummary:
                         f"see {cfg.distill.output_dir}/errors")
     methods = cfg.methods
     runs = {m: _drafter_run(_for_method(cfg, m, len(methods) > 1)) for m in methods}
-    # The faster drafter leads: by measured speed-up, then by acceptance length.
+    bench = _bench(cfg, work, runs) if cfg.eval.bench else None
+    # The faster drafter leads: by measured speed-up (the load benchmark's at eval.target_concurrency when it
+    # ran, else eval's offline one), then by acceptance length.
     fastest = max(runs, key=lambda m: (runs[m]["speedup"] or 0.0, runs[m]["acceptance_length"] or 0.0))
     best = runs[fastest]
-    compared = {m: {k: v for k, v in r.items() if k not in ("plots", "nodes", "result")} for m, r in runs.items()} \
+    compared = {m: {k: v for k, v in r.items() if k not in ("plots", "nodes", "result", "speedup_where")}
+                for m, r in runs.items()} \
         if len(methods) > 1 else {}
     if compared:
         _note_comparison(compared, fastest)
@@ -354,6 +446,11 @@ def _pipeline(cfg: Config) -> PipelineSummary:
         compared=compared,
         plots=[p for r in runs.values() for p in r["plots"]],
         nodes={"driver": [node_id()], "distill": distill_nodes, **best["nodes"]},
+        speedup_where=best.get("speedup_where", "offline eval"),
+        bench_table=bench.summary() if bench is not None else None,
     )
+    summary.pushed, summary.push_decision = _publish(publish_cfg, fastest, best["export_dir"],
+                                                     best["acceptance_length"], best["speedup"],
+                                                     best.get("speedup_where", "offline eval"))
     (work / "pipeline_summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary

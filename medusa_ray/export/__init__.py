@@ -17,7 +17,7 @@ from pathlib import Path
 from medusa_ray import checkpoint, drafters
 from medusa_ray.config import Config
 from medusa_ray.errors import UserError
-from medusa_ray.export.card import write_model_card
+from medusa_ray.export.card import BENCH_FILE, write_model_card
 from medusa_ray.export.files import (
     CARD_FILE,
     COMPARISON_FILE,
@@ -35,7 +35,7 @@ from medusa_ray.locks import hold
 from medusa_ray.paths import is_hub_id, is_remote
 from medusa_ray.writable import check_writable
 
-__all__ = ["run", "ExportResult", "record_eval", "record_comparison", "read_marker", "local_base", "write_model_card",
+__all__ = ["run", "ExportResult", "push", "record_bench", "public_bench", "BENCH_FILE", "record_eval", "record_comparison", "read_marker", "local_base", "write_model_card",
            "COMPARISON_FILE", "EVAL_FILE", "MARKER_FILE"]
 
 log = logging.getLogger(__name__)
@@ -198,10 +198,48 @@ def write(cfg_dict: dict, ckpt_path: str, out_dir: str) -> bool:
     return False
 
 
+def push(export_dir: Path, repo_id: str, private: bool | None = None) -> str:
+    """Push an export already written (the pipeline's push once ``export.push_if`` holds): the same checks,
+    card and upload as ``export --push-to-hub``, under the export's lock. Returns the repo URL."""
+    out = Path(export_dir)
+    hub = prepare_push(repo_id, private)
+    with hold(out, "export"):
+        marker = read_marker(out)
+        if marker is None:
+            raise UserError(f"{out} holds no medusa-ray export; nothing to push")
+        return _push(out, marker, hub)
+
+
 def record_eval(export_dir: Path, results: dict) -> None:
     """Eval's numbers into the export (only what may be published: no outputs, no paths) and a refreshed card,
     under the export's lock (an export being rewritten is not annotated half-way)."""
     _record(Path(export_dir), EVAL_FILE, public_eval(results))
+
+
+_BENCH_LEVEL_KEYS = ("requests", "ok", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tokens_per_s",
+                     "output_tokens", "speedup", "identical")
+_BENCH_DRAFTER_KEYS = ("method", "num_speculative_tokens", "acceptance_length", "stops_paying_at",
+                       "speedup_at_target", "identical")
+
+
+def public_bench(bench: dict, this: str) -> dict:
+    """The load benchmark as an export may publish it: numbers only (no URL, paths, outputs or errors)."""
+    return {
+        "this": this,
+        "target_concurrency": bench.get("target_concurrency"),
+        "max_tokens": bench.get("max_tokens"),
+        "best_at_target": bench.get("best_at_target"),
+        "levels": [{"concurrency": lv["concurrency"],
+                    "models": {name: {k: m.get(k) for k in _BENCH_LEVEL_KEYS if k in m}
+                               for name, m in lv["models"].items()}} for lv in bench.get("levels", [])],
+        "drafters": {name: {k: d.get(k) for k in _BENCH_DRAFTER_KEYS if k in d}
+                     for name, d in (bench.get("drafters") or {}).items()},
+    }
+
+
+def record_bench(export_dir: Path, bench: dict, this: str) -> None:
+    """The load benchmark's numbers into the export (``this``: its model in the benchmark) and a refreshed card."""
+    _record(Path(export_dir), BENCH_FILE, public_bench(bench, this))
 
 
 def record_comparison(export_dir: Path, table: dict) -> None:

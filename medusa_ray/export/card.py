@@ -15,6 +15,10 @@ from medusa_ray import drafters
 from medusa_ray.export.files import CARD_FILE, COMPARISON_FILE, EVAL_FILE, MARKER_FILE
 from medusa_ray.paths import looks_local
 
+BENCH_FILE = "bench_results.json"
+"""Written by ``pipeline`` (with ``eval.bench``) into each export it benchmarked: the load benchmark's numbers
+(no paths, no outputs), which the card shows as a table against concurrency."""
+
 _METRIC = re.compile(r"^\w*?(\d+)_(loss|top\d+|accept)$")  # a drafter's per-position metric, position k
 
 
@@ -81,8 +85,49 @@ def _comparison_section(comparison: dict[str, Any], this: str) -> list[str]:
     return lines + [""]
 
 
+def _bench_section(bench: dict[str, Any]) -> list[str]:
+    """The load benchmark for this drafter: speed-up against concurrency, where it stops paying, and a plain
+    sentence when no drafter beats plain decoding at the target load."""
+    this, target = bench["this"], bench.get("target_concurrency")
+    mine = bench["drafters"].get(this) or {}
+    lines = ["## Under load (Ray Serve LLM, `openai` client)", "",
+             f"Streamed greedy chat requests, {bench.get('max_tokens')} tokens each, at each number of concurrent "
+             "clients, to the plain base and to the base with this drafter (same prompts, same seeds).", "",
+             "| clients | tokens/s base | tokens/s with the drafter | speed-up | TTFT p50 ms | ITL p50 ms | "
+             "outputs identical |", "|---|---|---|---|---|---|---|"]
+    for level in sorted(bench["levels"], key=lambda lv: lv["concurrency"]):
+        base, draft = level["models"].get("base") or {}, level["models"].get(this) or {}
+
+        def cell(row: dict, key: str) -> str:
+            return "-" if row.get(key) is None else _fmt(row[key])
+
+        lines.append(f"| {level['concurrency']} | {cell(base, 'tokens_per_s')} | {cell(draft, 'tokens_per_s')} | "
+                     f"{cell(draft, 'speedup')} | {cell(draft, 'ttft_p50_ms')} | {cell(draft, 'itl_p50_ms')} | "
+                     f"{cell(draft, 'identical')} |")
+    lines.append("")
+    accept = mine.get("acceptance_length")
+    if accept is not None:
+        lines.append(f"Acceptance length under load (vLLM's spec-decode counters): {accept:.3f}.")
+    where = mine.get("stops_paying_at")
+    lines.append(f"This drafter stops paying at {where} concurrent clients: from there on, plain decoding is as "
+                 "fast or faster." if where is not None else
+                 "This drafter was faster than plain decoding at every concurrency measured.")
+    best = bench.get("best_at_target")
+    if target is not None:
+        at = mine.get("speedup_at_target")
+        shown = f"{at:.2f}x" if at is not None else "not measured"
+        if best is None:
+            lines.append(f"**At the target load ({target} concurrent clients) no drafter beats plain decoding** "
+                         f"(this one: {shown}): serve the base without speculation there.")
+        elif best == this:
+            lines.append(f"At the target load ({target} concurrent clients) this is the fastest drafter ({shown}).")
+        else:
+            lines.append(f"At the target load ({target} concurrent clients) `{best}` is faster; this one: {shown}.")
+    return lines + [""]
+
+
 def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None,
-                      comparison: dict[str, Any] | None = None) -> str:
+                      comparison: dict[str, Any] | None = None, bench: dict[str, Any] | None = None) -> str:
     meta = marker["meta"]
     base = marker["base_model"]
     drafter = drafters.get(meta.get("method", "medusa"))
@@ -120,6 +165,8 @@ def render_model_card(marker: dict[str, Any], results: dict[str, Any] | None,
         lines += _eval_section(results)
     if comparison:
         lines += _comparison_section(comparison, drafter.method)
+    if bench:
+        lines += _bench_section(bench)
     lines += _serve_section(marker, drafter)
     if marker.get("base_is_local"):
         lines += [f"The base model was a local directory, published here as `{base}`: give vLLM your copy of it "
@@ -187,8 +234,9 @@ def write_model_card(export_dir: str | Path) -> Path:
         results = json.loads((export_dir / EVAL_FILE).read_text())
     if (export_dir / COMPARISON_FILE).is_file():
         comparison = json.loads((export_dir / COMPARISON_FILE).read_text())
+    bench = json.loads((export_dir / BENCH_FILE).read_text()) if (export_dir / BENCH_FILE).is_file() else None
     path = export_dir / CARD_FILE
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render_model_card(marker, results, comparison))
+    tmp.write_text(render_model_card(marker, results, comparison, bench))
     tmp.replace(path)
     return path
