@@ -235,7 +235,8 @@ def _pod_templates(docs: dict[str, dict]) -> dict[str, dict]:
     spec = docs["RayCluster"]["spec"]
     pods = {"head": spec["headGroupSpec"]["template"]}
     pods.update({f"worker {g['groupName']}": g["template"] for g in spec["workerGroupSpecs"]})
-    pods["submitter"] = docs["RayJob"]["spec"].get("submitterPodTemplate") or {"spec": {"containers": [{}]}}
+    if "RayJob" in docs:  # a RayService has no submitter
+        pods["submitter"] = docs["RayJob"]["spec"].get("submitterPodTemplate") or {"spec": {"containers": [{}]}}
     return pods
 
 
@@ -263,15 +264,20 @@ def _kuberay_security_problems(docs: dict[str, dict]) -> list[str]:
                 problems.append(f"{name}: container may escalate privileges")
             if "ALL" not in (security.get("capabilities") or {}).get("drop", []):
                 problems.append(f"{name}: container keeps its Linux capabilities")
-    submitter_env = {e["name"]: e for e in pods["submitter"]["spec"]["containers"][0].get("env") or []}
-    ref = (submitter_env.get("RAY_AUTH_TOKEN") or {}).get("valueFrom", {}).get("secretKeyRef", {})
-    if (ref.get("name"), ref.get("key")) != (auth.get("secretName"), "auth_token"):
-        problems.append("RayJob submitter: RAY_AUTH_TOKEN does not come from the cluster's auth Secret")
+    if "submitter" in pods:
+        submitter_env = {e["name"]: e for e in pods["submitter"]["spec"]["containers"][0].get("env") or []}
+        ref = (submitter_env.get("RAY_AUTH_TOKEN") or {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if (ref.get("name"), ref.get("key")) != (auth.get("secretName"), "auth_token"):
+            problems.append("RayJob submitter: RAY_AUTH_TOKEN does not come from the cluster's auth Secret")
     # Hub tokens: write access only where the driver pushes (the head), read-only on workers, none elsewhere.
+    # A RayService never pushes: no pod of it holds the write token.
     head_secret = _hub_secret(pods["head"]["spec"]["containers"][0])
     for name, pod in pods.items():
         secret = _hub_secret(pod["spec"]["containers"][0])
-        if name.startswith("worker") and (secret is None or secret == head_secret):
+        if "RayService" in docs:
+            if secret == WRITE_TOKEN:
+                problems.append(f"{name}: a RayService holds the Hub write token it never uses")
+        elif name.startswith("worker") and (secret is None or secret == head_secret):
             problems.append(f"{name}: HF_TOKEN must be the read-only token, not the head's")
         if name == "submitter" and secret is not None:
             problems.append("submitter: holds a Hub token it never uses")
@@ -312,12 +318,18 @@ def _kuberay_docs(name: str = "raycluster.yaml") -> dict[str, dict]:
     if name == "raycluster.yaml":
         return {d["kind"]: d for p, d in _manifests() if p.name in MAIN}
     docs = {d["kind"]: d for d in _docs(KUBERAY / name)}
+    if "RayService" in docs:  # its cluster is ``rayClusterConfig``
+        service = docs["RayService"]
+        docs["RayCluster"] = {"metadata": service["metadata"], "spec": service["spec"]["rayClusterConfig"]}
+        return docs
     job = docs["RayJob"]
     docs["RayCluster"] = {"metadata": job["metadata"], "spec": job["spec"]["rayClusterSpec"]}
     return docs
 
 
-CLUSTERS = ["raycluster.yaml", *(p.name for p in JOB_CLUSTERS)]
+SERVICES = ["rayservice.yaml"]
+CLUSTERS = ["raycluster.yaml", *(p.name for p in JOB_CLUSTERS), *SERVICES]
+WRITE_TOKEN = "hf-write-token"
 
 
 @pytest.mark.parametrize("name", CLUSTERS)
@@ -341,8 +353,11 @@ def test_kuberay_cluster_is_locked(name):
 ], ids=["no-auth", "no-policy", "open-cidr", "extra-port", "escalation", "root", "write-token-on-workers",
         "submitter-without-token"])
 @pytest.mark.parametrize("name", CLUSTERS)
-def test_security_review_catches(mutate, expected, name):
+def test_security_review_catches(mutate, expected, name, request):
     docs = copy.deepcopy(_kuberay_docs(name))
+    case = request.node.callspec.id
+    if "RayService" in docs and any(c in case for c in ("write-token-on-workers", "submitter-without-token")):
+        pytest.skip("a RayService has no submitter, and none of its pods has a write token to copy")
     mutate(docs)
     assert any(expected in p for p in _kuberay_security_problems(docs)), _kuberay_security_problems(docs)
 
@@ -695,3 +710,39 @@ def test_only_the_hub_cache_is_on_the_shared_volume():
         for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
             env = {e["name"]: e.get("value") for e in _containers(pod)[0]["env"]}
             assert env.get("HF_HUB_CACHE", "").startswith(SHARED) and "HF_HOME" not in env
+
+
+def test_rayservice_serves_the_export_through_medusa_rays_app_builder(tmp_path):
+    """The RayService's Serve app is `medusa-ray serve`'s (same checks, autoscaling from its config), on the
+    port its pods expose, and reachable only from labelled clients; its config is a valid medusa-ray config."""
+    import importlib
+
+    from medusa_ray.config import load_config
+
+    docs = _kuberay_docs("rayservice.yaml")
+    service = docs["RayService"]["spec"]
+    serve_config = yaml.safe_load(service["serveConfigV2"])
+    assert serve_config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    (app,) = serve_config["applications"]
+    module, _, func = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), func))
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(docs["ConfigMap"]["data"]["config.yaml"])
+    cfg = load_config(config_file)
+    assert cfg.serve.accelerator == "gpu" and cfg.serve.max_replicas >= cfg.serve.min_replicas >= 1
+    assert app["args"]["config"].startswith("/etc/medusa-ray/") and app["args"]["draft_dir"] == cfg.export.output_dir
+    spec = docs["RayCluster"]["spec"]
+    assert spec["rayVersion"] == __import__("ray").__version__
+    for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+        container = _containers(pod)[0]
+        assert 8000 in {p["containerPort"] for p in container.get("ports", [])}
+        assert "/etc/medusa-ray" in {m["mountPath"] for m in container["volumeMounts"]}
+    gpu = spec["workerGroupSpecs"][0]
+    assert gpu["maxReplicas"] >= cfg.serve.max_replicas
+    # The OpenAI port: only from labelled clients, never the whole namespace.
+    rules = docs["NetworkPolicy"]["spec"]["ingress"]
+    serve_rules = [r for r in rules if 8000 in {p["port"] for p in r.get("ports") or []}]
+    assert serve_rules and all(peer.get("podSelector", {}).get("matchLabels") for r in serve_rules for peer in r["from"])
+    docs["RayCluster"]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"][
+        "secretKeyRef"]["name"] = WRITE_TOKEN
+    assert any("write token" in p for p in _kuberay_security_problems(docs))
