@@ -113,3 +113,76 @@ def test_missing_or_malformed_data_is_a_one_line_user_error(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), tmp_path / "part-0.parquet")
     with pytest.raises(UserError, match=r"part-0.parquet: missing column 'messages'"):
         check_schema(list_data_files(str(tmp_path)))
+
+
+def _generated(tokenizer, text, special="<|user|>", eos=True):
+    """Ids a model could have generated for ``text``: one token per character (not how the tokenizer splits it),
+    ``special`` after the third, and the end-of-sequence token last."""
+    ids = [t for ch in text for t in tokenizer(ch, add_special_tokens=False)["input_ids"]]
+    ids = ids[:3] + [tokenizer.convert_tokens_to_ids(special)] + ids[3:]
+    return ids + [tokenizer.eos_token_id] * eos
+
+
+def test_generated_token_ids_are_trained_verbatim_between_template_rendered_turns(tokenizer):
+    """Item 0 of issue 23: a reply's stored ids (a special token inside, a split the tokenizer would not make)
+    are the training sequence's reply tokens and its labels; the prompt around them is the template's."""
+    first, second = _generated(tokenizer, "3, 4, 5, 6."), _generated(tokenizer, "t-i-g-e-r.", eos=False)
+    assert tokenizer(tokenizer.decode(first, skip_special_tokens=True), add_special_tokens=False)["input_ids"] \
+        != [t for t in first if t < 5]  # re-tokenizing the text would lose the split (and the special token)
+    messages = [dict(m) for m in CONVERSATION]
+    messages[2]["token_ids"], messages[4]["token_ids"] = first, second
+    messages[2]["content"] = tokenizer.decode(first, skip_special_tokens=True)  # as vLLM returns the text
+    ex = tokenize_messages(tokenizer, messages, "chat", max_length=512)
+    assert not ex.retokenized
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt = tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    middle = tokenizer.apply_chat_template(CONVERSATION[:4], tokenize=False, add_generation_prompt=True)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    # The prompt exactly as vLLM tokenizes it, the first reply's ids with the end-of-sequence token the model
+    # generated (the template's "<|end|>" is not repeated), the next turns, the second reply (cut at
+    # max_tokens: no end token of its own, so the template's closes it) and the template's tail.
+    assert ex.input_ids == (encode(prompt) + first + encode("\n" + middle[len(prompt) + len(CONVERSATION[2]["content"])
+                                                                          + len("<|end|>\n"):])
+                            + second + [end] + encode("\n"))
+    assert [i for i, y in enumerate(ex.labels) if y != -100] == (
+        list(range(len(encode(prompt)), len(encode(prompt)) + len(first)))
+        + list(range(len(ex.input_ids) - len(second) - 2, len(ex.input_ids) - 1)))
+    assert all(y in (-100, t) for t, y in zip(ex.input_ids, ex.labels))
+
+    # A row without ids for a reply is re-tokenized there (and flagged); a row with none is exactly as before.
+    messages[4].pop("token_ids")
+    partly = tokenize_messages(tokenizer, messages, "chat", max_length=512)
+    assert partly.retokenized and partly.input_ids[:len(encode(prompt)) + len(first)] == encode(prompt) + first
+    plain = tokenize_messages(tokenizer, CONVERSATION, "chat", max_length=512)
+    assert plain.retokenized and plain.input_ids == encode(tokenizer.apply_chat_template(CONVERSATION, tokenize=False))
+
+
+def test_generated_ids_in_completion_rows_and_bad_ids(tokenizer):
+    ids = _generated(tokenizer, " 1, 2, 3.")
+    messages = [{"role": "user", "content": "Count from 1 to 3:"},
+                {"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids}]
+    ex = tokenize_messages(tokenizer, messages, "completion", max_length=512)
+    prompt = tokenizer("Count from 1 to 3:")["input_ids"]
+    assert ex.input_ids == prompt + ids and ex.labels == [-100] * len(prompt) + ids and not ex.retokenized
+    for bad in ([len(tokenizer)], ["7"], [True], 5):
+        messages[1]["token_ids"] = bad
+        with pytest.raises(BadRowError, match=r"messages\[1\].token_ids"):
+            tokenize_messages(tokenizer, messages, "completion", max_length=512)
+
+
+def test_tokenize_batch_flags_rows_trained_on_retokenized_text(random_tiny_model, tokenizer):
+    import numpy as np
+
+    with_ids = [dict(m) for m in CONVERSATION]
+    for m in with_ids:
+        if m["role"] == "assistant":
+            m["token_ids"] = tokenizer(m["content"], add_special_tokens=False)["input_ids"]
+    messages = np.empty(2, dtype=object)
+    messages[0], messages[1] = with_ids, CONVERSATION
+    out = tokenize_batch({"id": np.array(["ids", "text"]), "messages": messages}, str(random_tiny_model), 512)
+    assert out["retokenized"].tolist() == [False, True]
+    # Canonical ids and the template's end token: the same sequence either way.
+    assert out["input_ids"][0].tolist() == out["input_ids"][1].tolist()

@@ -38,13 +38,16 @@ def check_schema(files: list[str]) -> None:
 
 
 def tokenize_batch(batch: dict[str, np.ndarray], model: str, max_length: int) -> dict[str, np.ndarray]:
-    """``id``, ``input_ids``, ``labels``, ``num_labels``, ``truncated`` of the usable rows, and ``bad``: one
-    ``"id=...: reason"`` per row that cannot be templated or masked (skipped, for the caller to count)."""
+    """``id``, ``input_ids``, ``labels``, ``num_labels``, ``truncated``, ``retokenized`` of the usable rows, and
+    ``bad``: one ``"id=...: reason"`` per row that cannot be templated or masked (skipped, for the caller to
+    count). ``retokenized`` marks rows with an assistant reply stored without its generated token ids (older
+    distill output, an endpoint that does not return them): its tokens are its text re-tokenized."""
     tokenizer = load_tokenizer(model)
     n = len(batch["messages"])
     modes = batch["mode"] if "mode" in batch else ["chat"] * n
     ids = batch["id"] if "id" in batch else [f"#{i}" for i in range(n)]
-    out: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "num_labels": [], "truncated": [], "bad": []}
+    out: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "num_labels": [], "truncated": [],
+                            "retokenized": [], "bad": []}
     for row_id, messages, mode in zip(ids, batch["messages"], modes):
         try:
             messages = [dict(m) for m in messages] if messages is not None else []
@@ -57,12 +60,14 @@ def tokenize_batch(batch: dict[str, np.ndarray], model: str, max_length: int) ->
         out["labels"].append(np.asarray(ex.labels, dtype=np.int32))
         out["num_labels"].append(sum(1 for x in ex.labels if x != IGNORE_INDEX))
         out["truncated"].append(ex.truncated)
+        out["retokenized"].append(ex.retokenized)
     return {
         "id": out["id"],
         "input_ids": _ragged(out["input_ids"]),
         "labels": _ragged(out["labels"]),
         "num_labels": np.asarray(out["num_labels"], dtype=np.int64),
         "truncated": np.asarray(out["truncated"], dtype=bool),
+        "retokenized": np.asarray(out["retokenized"], dtype=bool),
         "bad": out["bad"],
     }
 
