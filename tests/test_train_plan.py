@@ -64,3 +64,41 @@ def test_a_single_small_row_group_still_feeds_every_rank(tmp_path):
     plan = make_plan([str(tmp_path / "one.parquet")], seed=0, val_fraction=0.0, val_min=1, val_max=1, world=2)
     sizes = [sum(len(b) for b in _epoch(plan, 0, 0, rank, 2)) for rank in range(2)]
     assert sum(sizes) == 44 and min(sizes) >= 15  # units of 5 rows: 5 units to one rank, 4 to the other
+
+
+def test_a_prompts_samples_stay_on_one_side_of_the_validation_split(tmp_path):
+    """distill.samples_per_prompt: rows ``<id>``, ``<id>#s1``, ... answer one prompt; validation takes whole
+    prompts, by a seeded hash of the prompt's id (its ``prompt_id`` column, or the id less its sample suffix)."""
+    from medusa_ray.data import prompt_id_of, sample_id
+
+    prompts = [f"p{i}" for i in range(100)]
+    ids = [sample_id(p, k) for p in prompts for k in range(3)]
+    assert ids[:4] == ["p0", "p0#s1", "p0#s2", "p1"] and [prompt_id_of(i) for i in ids[:4]] == ["p0"] * 3 + ["p1"]
+    assert prompt_id_of("a#s0") == "a#s0" and prompt_id_of("#s1") == "#s1" and prompt_id_of("x#sy") == "x#sy"
+    messages = [[{"role": "user", "content": i}] for i in ids]
+    with_column = tmp_path / "with" / "part.parquet"
+    derived = tmp_path / "derived" / "part.parquet"
+    for path, table in ((with_column, pa.table({"id": ids, "prompt_id": [prompt_id_of(i) for i in ids],
+                                                "messages": messages})),
+                        (derived, pa.table({"id": ids, "messages": messages}))):
+        path.parent.mkdir()
+        pq.write_table(table, path, row_group_size=50)
+    splits = []
+    for path in (with_column, derived):
+        plan = make_plan([str(path)], seed=0, val_fraction=0.1, val_min=20, val_max=500)
+        reader = RowReader(plan.columns)
+        val = [r["id"] for u in plan.val for r in reader.rows(u, list(u.rows))]
+        train = [r for e in _epoch(plan, 0, 0, 0, 1, batch_size=1000) for r in e]
+        assert 30 <= len(val) <= 32 and len(val) % 3 == 0 and len(val) + len(train) == 300
+        assert not {prompt_id_of(i) for i in val} & {prompt_id_of(i) for i in train}
+        splits.append(sorted(val))
+    assert splits[0] == splits[1]
+    # One row per prompt: the split is the one ids alone always gave.
+    single = tmp_path / "single.parquet"
+    pq.write_table(pa.table({"id": prompts, "messages": messages[:100]}), single)
+    plan = make_plan([str(single)], seed=0, val_fraction=0.1, val_min=5, val_max=500)
+    reader = RowReader(plan.columns)
+    import hashlib
+
+    first = sorted(prompts, key=lambda p: hashlib.sha256(f"0:{p}".encode()).digest())[:10]
+    assert sorted(r["id"] for u in plan.val for r in reader.rows(u, list(u.rows))) == sorted(first)

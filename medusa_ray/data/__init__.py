@@ -88,6 +88,23 @@ def conversation_id(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
 
 
+SAMPLE_SEPARATOR = "#s"
+"""Between a conversation's id and the sample index in the ids of its extra replies (``distill.samples_per_prompt``)."""
+
+
+def sample_id(prompt_id: str, sample: int) -> str:
+    """The row id of reply ``sample`` to conversation ``prompt_id``: sample 0 keeps the conversation's id (the
+    id every row had before there were samples), sample k is ``<id>#s<k>``."""
+    return prompt_id if sample == 0 else f"{prompt_id}{SAMPLE_SEPARATOR}{sample}"
+
+
+def prompt_id_of(row_id: str) -> str:
+    """The conversation a row id answers: ``row_id`` less a ``#s<k>`` sample suffix (for rows without a
+    ``prompt_id`` column)."""
+    head, sep, tail = row_id.rpartition(SAMPLE_SEPARATOR)
+    return head if sep and head and tail.isdigit() and tail[0] != "0" else row_id
+
+
 def _raw_id(text: str) -> str:
     # Invalid records get an id too, so a re-run recognises them as already reported.
     return "invalid-" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:24]

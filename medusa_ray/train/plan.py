@@ -1,7 +1,8 @@
 """Which rows train and which validate, and in what order each rank reads them: decided up front, reproducibly.
 
-The driver reads only the ``id`` column of the distilled Parquet. It drops repeated ids, holds back a
-validation share chosen by a seeded hash of the id, and cuts the training rows into *units*: up to
+The driver reads only the ``id`` (and ``prompt_id``) columns of the distilled Parquet. It drops repeated ids, holds
+back a validation share chosen by a seeded hash of the prompt's id (the samples of one prompt,
+``distill.samples_per_prompt``, all land on one side), and cuts the training rows into *units*: up to
 ``UNIT_ROWS`` rows of one Parquet row group (fewer for small data, so every rank gets several). Every epoch the units are shuffled with ``(seed, epoch)``,
 dealt round-robin to the ranks, and each unit's rows are shuffled too. A rank's row order is therefore a
 pure function of ``(seed, epoch, rank, world)``: a resumed run recomputes it and skips exactly the batches its
@@ -12,12 +13,14 @@ that (it hands blocks to whichever worker asks first), which is why the workers 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 
 from medusa_ray import parquet
+from medusa_ray.data import prompt_id_of
 
 UNIT_ROWS = 64
 COLUMNS = ("id", "messages", "mode")
@@ -69,22 +72,37 @@ def make_plan(files: list[str], seed: int, val_fraction: float, val_min: int, va
 
     seen: set[str] = set()
     rows: list[tuple[str, int, int, str]] = []  # (file, row group, index, id), first occurrence of each id
+    prompts: dict[str, str] = {}  # row id -> the id of the prompt it answers
     duplicates = 0
     for f in files:
         pf = parquet.open_file(f)
-        has_id = "id" in pf.schema_arrow.names
+        names = pf.schema_arrow.names
+        has_id, has_prompt = "id" in names, "prompt_id" in names
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             ids = pf.read_row_group(rg, columns=["id"]).column("id").to_pylist() if has_id else [None] * n
-            for i, row_id in enumerate(ids):
+            of = pf.read_row_group(rg, columns=["prompt_id"]).column("prompt_id").to_pylist() if has_prompt \
+                else [None] * n
+            for i, (row_id, prompt) in enumerate(zip(ids, of)):
                 row_id = str(row_id) if row_id is not None else f"{f}#{rg}:{i}"
                 if row_id in seen:
                     duplicates += 1
                     continue
                 seen.add(row_id)
                 rows.append((f, rg, i, row_id))
+                prompts[row_id] = str(prompt) if prompt is not None else prompt_id_of(row_id)
     n_val = validation_size(len(rows), val_fraction, val_min, val_max)
-    val_ids = {r[3] for r in sorted(rows, key=lambda r: _key(seed, r[3]))[:n_val]}
+    # Whole prompts in seeded-hash order until they hold n_val rows: with one row per prompt, the n_val rows
+    # whose ids hash first, as before there were samples.
+    per_prompt = Counter(prompts.values())
+    val_prompts: set[str] = set()
+    taken = 0
+    for prompt in sorted(per_prompt, key=lambda p: _key(seed, p)):
+        if taken >= n_val:
+            break
+        val_prompts.add(prompt)
+        taken += per_prompt[prompt]
+    val_ids = {r[3] for r in rows if prompts[r[3]] in val_prompts}
     train = [r for r in rows if r[3] not in val_ids]
     val = [r for r in rows if r[3] in val_ids]
     size = max(1, min(UNIT_ROWS, len(train) // (4 * world)))
