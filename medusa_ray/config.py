@@ -50,14 +50,18 @@ class DistillConfig(_Section):
     """Distill only the first N conversations."""
     mode: Literal["chat", "completion"] = "chat"
     """``chat`` applies the base model's chat template; ``completion`` treats the prompt as raw text."""
-    temperature: float = Field(0.0, ge=0.0)
-    """Sampling temperature (0 = greedy)."""
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    """Sampling temperature (0 = greedy; at most 2, as vLLM and OpenAI's API accept)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass."""
     max_tokens: int = Field(256, ge=1)
     """Maximum tokens generated per assistant turn."""
     seed: int = 0
     """Sampling seed."""
+    samples_per_prompt: int = Field(1, ge=1)
+    """Replies generated per input conversation, each its own row (ids ``<id>``, ``<id>#s1``, ``<id>#s2``...,
+    each sample with its own seeds); needs ``temperature > 0``. Training keeps a prompt's samples together on
+    one side of the validation split."""
     endpoint: Optional[str] = None
     """Use an existing OpenAI-compatible server (vLLM, TGI) at this base URL instead of a Serve deployment."""
     api_key_env: str = "OPENAI_API_KEY"
@@ -101,6 +105,9 @@ class DistillConfig(_Section):
         if self.min_replicas is not None and self.max_replicas is not None:
             if self.min_replicas > self.max_replicas:
                 raise ValueError("min_replicas must not exceed max_replicas")
+        if self.samples_per_prompt > 1 and self.temperature == 0:
+            raise ValueError(f"samples_per_prompt={self.samples_per_prompt} needs temperature > 0 (greedy replies to "
+                             "one prompt are identical)")
         return self
 
 

@@ -67,10 +67,11 @@ class _ScriptedClient:
     async def complete(self, body):
         self.sent.append(body)
         reply = self.replies.pop(0)
-        return {"text": "", "finish_reason": "", "prompt_tokens": 1, "completion_tokens": 0, "error": "", **reply}
+        return {"text": "", "finish_reason": "", "prompt_tokens": 1, "completion_tokens": 0, "token_ids": None,
+                "error": "", **reply}
 
 
-def _distill_one(messages, replies, overrides=()):
+def _distill_one(messages, replies, overrides=(), row_id="c1"):
     """Run one conversation through the real ``Distiller`` UDF with a scripted client: (outcome row, client)."""
     from medusa_ray.distill.conversation import Distiller
     from medusa_ray.distill.source import PROMPT_SCHEMA
@@ -78,10 +79,15 @@ def _distill_one(messages, replies, overrides=()):
     client = _ScriptedClient(replies)
     udf = Distiller(build_config({}, list(overrides)).to_dict(), "m", {}, in_flight=4,
                     client_factory=lambda spec: client)
-    batch = pa.Table.from_pylist([{"id": "c1", "messages": json.dumps(messages), "source": "f:1", "mode": None,
+    batch = pa.Table.from_pylist([{"id": row_id, "messages": json.dumps(messages), "source": "f:1", "mode": None,
                                    "invalid": None}], schema=PROMPT_SCHEMA)
     (row,) = asyncio.run(udf(batch)).to_pylist()
     return row, client
+
+
+def _text(messages):
+    """Messages as role and content only (rows also carry each reply's ``token_ids``)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def test_a_reply_cut_at_max_tokens_is_kept_and_ends_the_conversation():
@@ -91,17 +97,21 @@ def test_a_reply_cut_at_max_tokens_is_kept_and_ends_the_conversation():
                                            "completion_tokens": 4}], ["distill.max_tokens=4"])
     assert len(client.sent) == 1  # no second round after a cut-off reply
     assert row["outcome"] == "row" and row["finish_reason"] == "length" and row["generated_tokens"] == 4
-    assert row["messages"] == [messages[0], {"role": "assistant", "content": "1 2 3 4"}]
+    assert _text(row["messages"]) == [messages[0], {"role": "assistant", "content": "1 2 3 4"}]
 
 
 def test_each_round_follows_the_models_own_history():
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
                 {"role": "assistant", "content": "source answer"}, {"role": "user", "content": "U2"}]
-    row, client = _distill_one(messages, [{"text": "A1", "finish_reason": "stop", "completion_tokens": 2},
+    row, client = _distill_one(messages, [{"text": "A1", "finish_reason": "stop", "completion_tokens": 2,
+                                           "token_ids": [7, 4, 9]},
                                           {"text": "A2", "finish_reason": "stop", "completion_tokens": 3}])
+    # The next round sends the reply's text (role and content only); the row keeps each reply's ids.
     assert [b["messages"] for b in client.sent] == [
         messages[:2], messages[:2] + [{"role": "assistant", "content": "A1"}, messages[3]]]
-    assert row["messages"][-1] == {"role": "assistant", "content": "A2"}
+    assert all(b["return_token_ids"] is True for b in client.sent)
+    assert [m["token_ids"] for m in row["messages"]] == [None, None, [7, 4, 9], None, None]
+    assert row["messages"][-1] == {"role": "assistant", "content": "A2", "token_ids": None}
     assert row["completion_tokens"] == 5 and row["prompt_tokens"] == 2
     # An empty answer ends the conversation as an error, not a row.
     row, _ = _distill_one(messages, [{"text": " ", "finish_reason": "stop"}])
@@ -137,11 +147,52 @@ def test_failed_requests_are_retried_with_backoff_and_again_on_a_rerun(tmp_path,
     assert existing_ids(out) == (set(), {"empty-1", "invalid-1"})
 
 
+def test_samples_have_their_own_ids_and_seeds_and_resume_skips_each_sample_written(tmp_path):
+    """distill.samples_per_prompt: each sample of a conversation is a row with its own id and seeds (sample 0
+    keeps the conversation's id and seeds); a re-run claims only the samples not yet written."""
+    from medusa_ray.distill.conversation import request_seed
+    from medusa_ray.distill.output import DATA_SCHEMA
+    from medusa_ray.distill.source import PROMPT_SCHEMA, Ledger, expand
+
+    with pytest.raises(Exception, match="samples_per_prompt=3 needs temperature > 0"):
+        build_config({}, ["distill.samples_per_prompt=3"])
+    out = tmp_path / "out"
+    out.mkdir()
+    written = [{"id": i, "prompt_id": "c1", "messages": [{"role": "user", "content": "q"}]} for i in ("c1", "c1#s2")]
+    pq.write_table(pa.Table.from_pylist(written, schema=DATA_SCHEMA), out / "shard-a.parquet")
+    ledger = Ledger(str(out), samples=3)
+    todo = ledger.claim(["c1", "c2", "bad", "c1"], [True, True, False, True])
+    assert todo == [[1], [0, 1, 2], [0], []]  # an invalid record is reported once; a repeat is dropped
+    assert {k: ledger.counts[k] for k in ("records", "skipped", "duplicates")} == \
+        {"records": 4, "skipped": 2, "duplicates": 1}
+    records = pa.Table.from_pylist([{"id": i, "messages": "[]", "source": "f:1", "mode": None,
+                                     "invalid": None if i != "bad" else "x"} for i in ("c1", "c2", "bad", "c1")],
+                                   schema=PROMPT_SCHEMA)
+    rows = expand(records, todo).to_pylist()
+    assert [(r["id"], r["prompt_id"], r["sample"]) for r in rows] == [
+        ("c1#s1", "c1", 1), ("c2", "c2", 0), ("c2#s1", "c2", 1), ("c2#s2", "c2", 2), ("bad", "bad", 0)]
+
+    # Each sample's requests are seeded from distill.seed and its own id; sample 0's seeds are the old ones.
+    conversation = [{"role": "user", "content": "hi"}]
+    sent = {}
+    for rid in ("c1", "c1#s1", "c1#s2"):
+        row, client = _distill_one(conversation, [{"text": "hello", "finish_reason": "stop"}],
+                                   ["distill.temperature=0.8", "distill.samples_per_prompt=3", "distill.seed=5"],
+                                   row_id=rid)
+        assert row["id"] == rid and row["prompt_id"] == rid  # the test sends no prompt_id: the row's own id
+        sent[rid] = client.sent[0]["seed"]
+    assert sent["c1"] == request_seed(5, "c1", 0, 0) and len(set(sent.values())) == 3
+
+
 def test_reply_parsing_and_endpoint_urls():
     chat = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
     assert parse_reply(chat, "chat") == {"text": "hi", "finish_reason": "stop", "prompt_tokens": 3,
-                                         "completion_tokens": 2, "error": ""}
+                                         "completion_tokens": 2, "token_ids": None, "error": ""}
+    chat["choices"][0]["token_ids"] = [5, 0, 4]
+    assert parse_reply(chat, "chat")["token_ids"] == [5, 0, 4]
+    chat["choices"][0]["token_ids"] = [5, "x"]
+    assert "token_ids is not a list of token ids" in parse_reply(chat, "chat")["error"]
     assert parse_reply({"choices": [{"text": "x", "finish_reason": "length"}]}, "completion")["finish_reason"] == "length"
     assert parse_reply({"error": {"message": "too long", "code": 400}}, "chat")["error"] == "too long"
     assert parse_reply({"object": "error", "message": "bad"}, "chat")["error"] == "bad"
@@ -248,18 +299,20 @@ def test_assistant_turns_equal_greedy_vllm_chat(distill_run, tiny_model, prompts
     assert sorted([r["id"] for r in rows] + [e["id"] for e in errors if e["reason"] != "invalid"]) == sorted(source)
     assert any(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in rows), "no multi-turn row"
 
-    histories, expected = [], []
+    histories, expected, expected_ids = [], [], []
     for row in rows:
         src = source[row["id"]].messages
         # System and user turns are kept verbatim; each round is followed by exactly one regenerated answer.
-        assert [m for m in row["messages"] if m["role"] != "assistant"] == [m for m in src if m["role"] != "assistant"]
+        assert [m for m in _text(row["messages"]) if m["role"] != "assistant"] == \
+            [m for m in src if m["role"] != "assistant"]
         assert sum(m["role"] == "assistant" for m in row["messages"]) == len(plan_rounds(src, "chat"))
         assert row["mode"] == "chat" and row["model"] == str(tiny_model) and row["finish_reason"] == "stop"
         assert row["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": MAX_TOKENS, "seed": 0}
         for i, m in enumerate(row["messages"]):
             if m["role"] == "assistant":
-                histories.append(row["messages"][:i])
+                histories.append(_text(row["messages"][:i]))
                 expected.append(m["content"])
+                expected_ids.append(m["token_ids"])
 
     # Completion mode through the same deployment: raw prompt in, completion out. The tiny model only
     # answers after its chat markers, so the raw prompts carry them, as a user of a template-less model would.
@@ -281,12 +334,92 @@ def test_assistant_turns_equal_greedy_vllm_chat(distill_run, tiny_model, prompts
 
     llm = LLM(model=str(tiny_model), seed=0, **ENGINE_KWARGS)
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-    got = [o.outputs[0].text for o in llm.chat(histories, greedy, use_tqdm=False)]
-    assert got == expected
-    got = [o.outputs[0].text for o in llm.generate([r["messages"][0]["content"] for r in comp_rows], greedy,
-                                                   use_tqdm=False)]
-    assert got == [r["messages"][1]["content"] for r in comp_rows]
+    outputs = [o.outputs[0] for o in llm.chat(histories, greedy, use_tqdm=False)]
+    assert [o.text for o in outputs] == expected
+    # Each reply's stored ids are the ids vLLM generated (its end-of-sequence token included).
+    assert [list(o.token_ids) for o in outputs] == expected_ids
+    outputs = [o.outputs[0] for o in llm.generate([r["messages"][0]["content"] for r in comp_rows], greedy,
+                                                  use_tqdm=False)]
+    assert [o.text for o in outputs] == [r["messages"][1]["content"] for r in comp_rows]
+    assert [list(o.token_ids) for o in outputs] == [r["messages"][1]["token_ids"] for r in comp_rows]
     del llm
+
+
+SAMPLED = {"temperature": 2.0, "samples_per_prompt": 2, "seed": 3, "limit": 14}
+"""Sampling hot enough that the tiny model's replies hold special tokens and token splits its tokenizer would not
+make (with skip_special_tokens the text loses the first, re-tokenizing it the second). The first 14 records: the
+10 ShareGPT conversations, 3 JSONL ones and the malformed line 4."""
+
+
+@pytest.mark.slow
+def test_sampled_replies_are_kept_as_generated_ids_and_trained_on_verbatim(serve_app, tiny_model, prompts,
+                                                                            tmp_path):
+    """Issue 23, items 0 and 2: samples_per_prompt replies per conversation, each its own row; each reply's ids are
+    what vLLM generated (special tokens and the model's own split kept, its end token included), and the
+    training sequence is the prompt vLLM served followed by exactly those ids. Re-runs resume per sample."""
+    from ray import serve
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+    from transformers import AutoTokenizer
+
+    from medusa_ray.data import load_tokenizer, prompt_id_of, tokenize_messages
+    from medusa_ray.distill.conversation import request_seed
+
+    out = tmp_path / "out"
+    cfg = _cfg(tiny_model, prompts, out, **SAMPLED)
+    summary = distill.run(cfg)
+    rows = _rows(out)
+    written = {r["id"] for r in rows} | {e["id"] for e in _errors(out) if e["reason"] != "invalid"}
+    valid = {c.id for c in read_conversations(prompts).conversations} & {prompt_id_of(i) for i in written}
+    assert written == {i for p in valid for i in (p, f"{p}#s1")}  # every sample of every conversation, once
+    assert all(r["prompt_id"] == prompt_id_of(r["id"]) for r in rows) and summary.rows_out == len(rows)
+    assert summary.without_token_ids == 0 and "samples per conversation" in summary.summary()
+    assert {r["messages"][-1]["content"] for r in rows if r["id"].endswith("#s1")} != \
+        {r["messages"][-1]["content"] for r in rows if not r["id"].endswith("#s1")}  # samples differ
+
+    tok = load_tokenizer(str(tiny_model))
+    special = set(AutoTokenizer.from_pretrained(str(tiny_model)).added_tokens_decoder)
+    eos = tok.eos_token_id
+    inside, resplit = 0, 0
+    for row in rows:
+        replies = [m for m in row["messages"] if m["role"] == "assistant"]
+        for j, m in enumerate(replies):
+            ids = m["token_ids"]
+            assert ids and (tok.decode(ids, skip_special_tokens=True) == m["content"] or "\ufffd" in m["content"])
+            # Stopped by the model: vLLM's ids end with the end-of-sequence token it generated.
+            last = j == len(replies) - 1 and row["finish_reason"] == "length"
+            assert (ids[-1] == eos) != last
+            inside += any(t in special for t in ids[:-1])
+            resplit += tok(m["content"], add_special_tokens=False)["input_ids"] != [t for t in ids if t not in special]
+        # Training learns exactly the generated ids of every reply (a cut reply closed by the template's <|end|>).
+        ex = tokenize_messages(tok, row["messages"], "chat", 4096)
+        assert not ex.retokenized
+        assert [y for y in ex.labels if y != -100] == [
+            t for m in replies for t in m["token_ids"] + ([] if m["token_ids"][-1] == eos else [eos])]
+    assert inside and resplit, (inside, resplit)  # the case this test is about really happened
+
+    # The first reply's training sequence is what vLLM served: its prompt ids, then its generated ids (asked of
+    # the Serve deployment again with the row's own request seed, through the client distill uses).
+    handle = serve.get_deployment_handle(f"{serve_app}-llm", serve_app).options(stream=True)
+    for row in rows[:3]:
+        k = next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        history = _text(row["messages"][:k])
+        body = {"model": str(tiny_model), "messages": history, "temperature": SAMPLED["temperature"], "top_p": 1.0,
+                "max_tokens": MAX_TOKENS, "seed": request_seed(SAMPLED["seed"], row["id"], 0, 0),
+                "return_token_ids": True}
+        response = next(iter(handle.chat.remote(ChatCompletionRequest(**body)))).model_dump()
+        served = response["prompt_token_ids"] + response["choices"][0]["token_ids"]
+        assert response["choices"][0]["token_ids"] == row["messages"][k]["token_ids"]
+        ex = tokenize_messages(tok, row["messages"][: k + 1], "chat", 4096)
+        assert ex.input_ids[: len(served)] == served
+        assert tok.decode(ex.input_ids[len(served):]) == "\n"  # then only the template's newline after <|end|>
+
+    # Resume: nothing left to do; one more sample per conversation generates exactly the new samples.
+    again = distill.run(cfg)
+    assert again.rows_out == 0 and again.skipped == len(written) + 1 and again.invalid == 0  # + the bad line
+    more = distill.run(_cfg(tiny_model, prompts, out, **{**SAMPLED, "samples_per_prompt": 3}))
+    new = {r["id"] for r in _rows(out)} - {r["id"] for r in rows}
+    assert more.skipped == len(written) + 1 and new and all(i.endswith("#s2") for i in new)
+    assert [r for r in _rows(out) if r["id"] in {x["id"] for x in rows}] == rows
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 ``run(cfg)`` is one streaming Ray Data execution from the input to the output shards::
 
-    PromptSource (read, one task per file) -> claim (Ledger: drop done ids and repeats)
+    PromptSource (read, one task per file) -> claim (Ledger: drop done ids and repeats; one row per sample)
       -> Distiller (async actor: every conversation's rounds through the Serve deployment's handle)
       -> ShardSink (each finished block -> one data shard + one errors shard, renamed into place)
 
@@ -48,14 +48,14 @@ class DistillSummary:
     rows_in: int
     """Records read from the input (after ``distill.limit``), valid or not, repeats included."""
     rows_out: int
-    """Conversations written as training rows by this run."""
+    """Rows written by this run: conversations, times ``samples`` (each sample is a row of its own)."""
     failed: int
     truncated: int
     """Of ``rows_out``: conversations ending in a reply cut at ``max_tokens`` (kept, ``finish_reason: length``)."""
     empty: int
     invalid: int
     skipped: int
-    """Conversations already in the output dir (data or final errors) from an earlier run."""
+    """Rows (samples) already in the output dir (data or final errors) from an earlier run."""
     duplicates: int
     generated_tokens: int
     """Every token the engine generated in this run, retries included."""
@@ -68,15 +68,23 @@ class DistillSummary:
     output_dir: str
     nodes: list[str] = field(default_factory=list)
     """Ray node ids of the vLLM replicas that generated (empty for an endpoint)."""
+    samples: int = 1
+    """``distill.samples_per_prompt``: written, skipped, failed and empty count rows, up to this many per
+    conversation."""
+    without_token_ids: int = 0
+    """Of ``rows_out``: rows with an assistant reply whose generated ids the engine did not return (training
+    re-tokenizes its text)."""
 
     def summary(self) -> str:
         rows = [
             ("conversations in", self.rows_in),
+            *([("samples per conversation", self.samples)] if self.samples > 1 else []),
             ("already done (skipped)", self.skipped),
             ("duplicates", self.duplicates),
             ("invalid", self.invalid),
             ("written", self.rows_out),
             ("  of which truncated", self.truncated),
+            *([("  without token ids", self.without_token_ids)] if self.without_token_ids else []),
             ("failed", self.failed),
             ("empty", self.empty),
             ("generated tokens", self.generated_tokens),
@@ -121,7 +129,7 @@ def _distill(cfg: Config) -> DistillSummary:
 
     init_ray(cfg.ray)
     # The ledger reads the output dir where the workers see it (a shared volume), not on the driver.
-    ledger = ray.remote(Ledger).options(num_cpus=0, max_restarts=0).remote(str(out))
+    ledger = ray.remote(Ledger).options(num_cpus=0, max_restarts=0).remote(str(out), d.samples_per_prompt)
     try:
         pending = _get(ledger.any_pending.remote(units, d.limit))
         log.info("distilling %s (%s) into %s", d.input, fmt, out)
@@ -149,6 +157,8 @@ def _distill(cfg: Config) -> DistillSummary:
         shards=totals.get("shards", 0),
         output_dir=str(out),
         nodes=nodes,
+        samples=d.samples_per_prompt,
+        without_token_ids=totals.get("without_token_ids", 0),
     )
     return summary
 

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from medusa_ray.config import Config
+from medusa_ray.distill.engine import TOKEN_IDS_FIELD
 from medusa_ray.distill.output import OUTCOME_SCHEMA, ROW
 from medusa_ray.redact import strip_credentials_in_text
 
@@ -54,7 +55,9 @@ def plan_rounds(messages: list[dict[str, str]], mode: str) -> list[list[dict[str
 
 
 def request_seed(seed: int, conversation_id: str, round_: int, attempt: int) -> int:
-    # Per request and attempt, so a retry samples anew while a re-run reproduces the same outputs.
+    # Per request and attempt, so a retry samples anew while a re-run reproduces the same outputs. The id is
+    # the row's: each sample of a conversation (``<id>#s<k>``) has seeds of its own, and sample 0 the seeds
+    # every row had before there were samples.
     key = f"{seed}:{conversation_id}:{round_}:{attempt}"
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
@@ -94,7 +97,8 @@ class Distiller:
     async def conversation(self, record: dict[str, Any]) -> dict[str, Any]:
         """One record -> its outcome row: every round answered, or where and why it stopped."""
         d = self.cfg.distill
-        outcome = {"id": record["id"], "source": record["source"], "outcome": ROW, "error": None, "round": None,
+        outcome = {"id": record["id"], "prompt_id": record.get("prompt_id") or record["id"],
+                   "source": record["source"], "outcome": ROW, "error": None, "round": None,
                    "attempts": 0, "generated_tokens": 0, "messages": None, "mode": d.mode, "model": self.cfg.model,
                    "sampling": {"temperature": d.temperature, "top_p": d.top_p, "max_tokens": d.max_tokens,
                                 "seed": d.seed},
@@ -102,7 +106,8 @@ class Distiller:
         if record["invalid"] is not None:
             return self._finish(outcome, "invalid", record["invalid"], None, 0)
         rounds = plan_rounds(json.loads(record["messages"]), d.mode)
-        history: list[dict[str, str]] = []
+        history: list[dict[str, str]] = []  # what the next round sends: role and content only
+        reply_ids: list[list[int] | None] = []  # each assistant turn's generated ids, as the engine gave them
         for r, turns in enumerate(rounds):
             reply, attempts = await self._answer(record["id"], r, history + turns)
             outcome["generated_tokens"] += reply["generated"]
@@ -111,6 +116,7 @@ class Distiller:
             if not reply["text"].strip():
                 return self._finish(outcome, "empty", f"the model answered round {r} with nothing", r, attempts)
             history += turns + [{"role": "assistant", "content": reply["text"]}]
+            reply_ids.append(reply.get("token_ids"))
             outcome["prompt_tokens"] += reply["prompt_tokens"]
             outcome["completion_tokens"] += reply["completion_tokens"]
             outcome["finish_reason"] = reply["finish_reason"]
@@ -120,7 +126,9 @@ class Distiller:
                 # A reply cut at max_tokens is still exactly what the model says, and the longest replies are most
                 # of the tokens: keep it. The conversation ends here; a later round would follow a cut-off reply.
                 break
-        outcome["messages"] = history
+        replies = iter(reply_ids)
+        outcome["messages"] = [{**m, "token_ids": next(replies) if m["role"] == "assistant" else None}
+                               for m in history]
         return self._finish(outcome, ROW, None, None, 0)
 
     async def _answer(self, conversation_id: str, round_: int, messages: list[dict[str, str]]):
@@ -152,6 +160,8 @@ class Distiller:
             "max_tokens": d.max_tokens,
             "seed": d.seed if d.temperature == 0 else request_seed(d.seed, conversation_id, round_, attempt),
             "stream": False,
+            # The reply's generated ids: what training learns verbatim (rows keep them per assistant turn).
+            TOKEN_IDS_FIELD: True,
         }
         if d.mode == "chat":
             body["messages"] = messages

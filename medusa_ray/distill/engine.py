@@ -83,7 +83,8 @@ def failed_reply(error: str) -> dict[str, Any]:
     URL may carry a key; error rows and the log are read by more people than the key's owner)."""
     lines = str(error).strip().splitlines()
     line = strip_credentials_in_text(lines[0].strip() if lines else "") or "unknown error"
-    return {"text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": line}
+    return {"text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "token_ids": None,
+            "error": line}
 
 
 def make_client(spec: dict[str, Any]):
@@ -140,6 +141,8 @@ class HttpClient:
     def __init__(self, url: str, headers: dict[str, str], mode: str, timeout_s: float):
         self.url, self.headers, self.mode, self.timeout_s = url, headers, mode, timeout_s
         self._session, self._users = None, 0
+        self.token_ids = True
+        """Whether requests still ask for the generated token ids (until the server refuses the field)."""
 
     async def __aenter__(self) -> "HttpClient":
         """One connection pool while any block uses the client, closed when the last one is done."""
@@ -158,22 +161,45 @@ class HttpClient:
             await session.close()
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not self.token_ids:
+            body = {k: v for k, v in body.items() if k != TOKEN_IDS_FIELD}
+        reply, status = await self._post(body)
+        if TOKEN_IDS_FIELD in body and status in (400, 422) and TOKEN_IDS_FIELD in reply["error"]:
+            # A server that refuses vLLM's extra field (OpenAI's own API does): replies without their ids,
+            # training re-tokenizes their text.
+            log.warning("%s does not accept %s: rows keep the reply text only", strip_credentials(self.url),
+                        TOKEN_IDS_FIELD)
+            self.token_ids = False
+            reply, status = await self._post({k: v for k, v in body.items() if k != TOKEN_IDS_FIELD})
+        return reply
+
+    async def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
         import aiohttp
 
+        status = 0
         try:
             async with self._session.post(self.url, json=body, headers=self.headers) as resp:
+                status = resp.status
                 if resp.status in (408, 429) or resp.status >= 500:
-                    return failed_reply(f"HTTP {resp.status} {resp.reason} from {self.url}")
+                    return failed_reply(f"HTTP {resp.status} {resp.reason} from {self.url}"), status
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            return failed_reply(f"{type(exc).__name__}: {exc}")
+            return failed_reply(f"{type(exc).__name__}: {exc}"), status
         if not isinstance(data, dict):
-            return failed_reply(f"HTTP {resp.status}: unexpected response {str(data)[:200]}")
-        return parse_reply(data, self.mode)
+            return failed_reply(f"HTTP {status}: unexpected response {str(data)[:200]}"), status
+        return parse_reply(data, self.mode), status
+
+
+TOKEN_IDS_FIELD = "return_token_ids"
+"""vLLM's request field (chat and completions) that adds the generated ids to each choice (``token_ids``, the
+stop token included when it is the end-of-sequence token) and the prompt's to the response."""
 
 
 def parse_reply(response: Any, mode: str) -> dict[str, Any]:
     """An OpenAI chat/completions response (or error response) -> the few fields distill keeps.
+
+    ``token_ids`` is the choice's generated token ids where the server returns them (vLLM with
+    ``return_token_ids``), else None.
 
     Never raises: a server may send anything, and one bad reply must not abort the run. A reply that is not the
     shape OpenAI's API documents (a choice that is not an object, list-valued ``content``, a token count that
@@ -227,9 +253,13 @@ def _parse_reply(response: Any, mode: str) -> dict[str, Any]:
     if usage is not None and not isinstance(usage, dict):
         raise _Malformed(f"usage is not an object: {_excerpt(usage)}")
     usage = usage or {}
+    token_ids = choice.get("token_ids")
+    if token_ids is not None and (not isinstance(token_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in token_ids)):
+        raise _Malformed(f"choices[0].token_ids is not a list of token ids: {_excerpt(token_ids)}")
     return {"text": text or "", "finish_reason": finish_reason or "",
             "prompt_tokens": _count(usage, "prompt_tokens"), "completion_tokens": _count(usage, "completion_tokens"),
-            "error": ""}
+            "token_ids": token_ids, "error": ""}
 
 
 def _count(usage: dict[str, Any], key: str) -> int:

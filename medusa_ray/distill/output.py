@@ -25,10 +25,17 @@ from medusa_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string()), ("token_ids", pa.list_(pa.int32()))])
+"""One message of a row: ``token_ids`` is an assistant reply's generated ids exactly as the engine returned
+them (special tokens and its own token split kept; the end-of-sequence token included when it stopped there),
+null where the engine gave none and on every other turn. Rows written before it have role and content only."""
+
 DATA_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        # The input conversation this row answers: ``id`` itself, or ``id`` less its ``#s<k>`` sample suffix.
+        ("prompt_id", pa.string()),
+        ("messages", pa.list_(MESSAGE_TYPE)),
         ("mode", pa.string()),
         ("model", pa.string()),
         (
@@ -117,7 +124,7 @@ OUTCOME_SCHEMA = pa.schema(
 
 ROW = "row"
 OUTCOMES = ("failed", "empty", "invalid")
-COUNTS = ("rows", "truncated", *OUTCOMES, "tokens", "shards")
+COUNTS = ("rows", "truncated", "without_token_ids", *OUTCOMES, "tokens", "shards")
 
 
 def _write_atomic(table: pa.Table, directory: Path, name: str, before_rename=None) -> Path:
@@ -175,6 +182,9 @@ class ShardSink(Datasink):
             counts["error_shards"] = [name]
         counts["rows"] = rows.num_rows
         counts["truncated"] = sum(r == "length" for r in rows.column("finish_reason").to_pylist())
+        counts["without_token_ids"] = sum(
+            any(m["role"] == "assistant" and m["token_ids"] is None for m in messages)
+            for messages in rows.column("messages").to_pylist())
         for reason in OUTCOMES:
             counts[reason] = outcome.count(reason)
         counts["tokens"] = sum(table.column("generated_tokens").to_pylist())

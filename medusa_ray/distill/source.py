@@ -26,7 +26,13 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from medusa_ray.data import Conversation, InputUnit, InvalidRecord, iter_records
+from medusa_ray.data import (
+    Conversation,
+    InputUnit,
+    InvalidRecord,
+    iter_records,
+    sample_id,
+)
 from medusa_ray.errors import UserError
 
 PROMPT_SCHEMA = pa.schema([
@@ -91,21 +97,38 @@ class PromptSource(Datasource):
         return "Prompts"
 
 
+CLAIMED_SCHEMA = pa.schema(list(PROMPT_SCHEMA) + [("prompt_id", pa.string()), ("sample", pa.int64())])
+"""A claimed row: one reply to generate. ``id`` is the row's (``sample_id(prompt_id, sample)``)."""
+
+
 def claim(batch: pa.Table, ledger) -> pa.Table:
-    """Ray Data map: keep the records the ledger assigns to this run."""
+    """Ray Data map: the rows (record x sample) the ledger assigns to this run, each with its own id."""
     import ray
 
-    keep = ray.get(ledger.claim.remote(batch.column("id").to_pylist()))
-    return batch.filter(pa.array(keep, pa.bool_()))
+    ids = batch.column("id").to_pylist()
+    samples = ray.get(ledger.claim.remote(ids, [r is None for r in batch.column("invalid").to_pylist()]))
+    return expand(batch, samples)
+
+
+def expand(batch: pa.Table, samples: list[list[int]]) -> pa.Table:
+    """Records -> claimed rows: record i once per sample in ``samples[i]``, with the sample's id."""
+    take = [i for i, todo in enumerate(samples) for _ in todo]
+    rows = batch.take(pa.array(take, pa.int64())) if take else batch.slice(0, 0)
+    flat = [k for todo in samples for k in todo]
+    prompt_ids = rows.column("id")
+    rows = rows.set_column(rows.schema.get_field_index("id"), "id", pa.array([sample_id(p, k) for p, k in zip(prompt_ids.to_pylist(), flat)],
+                                             pa.string()))
+    return rows.append_column("prompt_id", prompt_ids).append_column("sample", pa.array(flat, pa.int64()))
 
 
 class Ledger:
     """One per run (a Ray actor): which records to distill, and how far the run has got."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, samples: int = 1):
         from medusa_ray.distill.output import existing_ids, recorded_failures
 
         self.output_dir = Path(output_dir)
+        self.samples = samples
         self.error: UserError | None = None
         try:
             data_ids, final_error_ids = existing_ids(self.output_dir)
@@ -123,38 +146,49 @@ class Ledger:
         if self.error is not None:
             raise self.error
 
+    def _sample_ids(self, record_id: str, valid: bool) -> list[str]:
+        """The row ids a record becomes: one per sample; an invalid record is reported once."""
+        return [sample_id(record_id, k) for k in range(self.samples if valid else 1)]
+
     def any_pending(self, units: list[InputUnit], limit: int | None) -> bool:
-        """Whether any record of the input is still to do (stops at the first): no engine starts for nothing."""
+        """Whether any row of the input is still to do (stops at the first): no engine starts for nothing."""
         self._check()
-        return any(record.id not in self.done for record in iter_records(units, limit))
+        return any(rid not in self.done for record in iter_records(units, limit)
+                   for rid in self._sample_ids(record.id, isinstance(record, Conversation)))
 
     def tally(self, units: list[InputUnit], limit: int | None) -> None:
         """Count an input with nothing left to do (every claim is refused), as a run over it would."""
         batch: list[str] = []
+        valid: list[bool] = []
         for record in iter_records(units, limit):
             batch.append(record.id)
+            valid.append(isinstance(record, Conversation))
             if len(batch) >= 4096:
-                self.claim(batch)
-                batch = []
-        self.claim(batch)
+                self.claim(batch, valid)
+                batch, valid = [], []
+        self.claim(batch, valid)
 
-    def claim(self, ids: list[str]) -> list[bool]:
+    def claim(self, ids: list[str], valid: list[bool] | None = None) -> list[list[int]]:
+        """For each record, the samples this run generates (none for a repeat or a record already done).
+        ``skipped`` counts rows (samples) found done; ``records`` and ``duplicates`` count input records."""
         self._check()
-        keep = []
-        for cid in ids:
+        todo = []
+        for cid, ok in zip(ids, valid if valid is not None else [True] * len(ids)):
             self.counts["records"] += 1
             if cid in self.seen:
                 self.counts["duplicates"] += 1
-                keep.append(False)
+                todo.append([])
                 continue
             self.seen.add(cid)
-            if cid in self.done:
-                self.counts["skipped"] += 1
-                keep.append(False)
-            else:
-                self.claimed.add(cid)
-                keep.append(True)
-        return keep
+            mine = []
+            for k, rid in enumerate(self._sample_ids(cid, ok)):
+                if rid in self.done:
+                    self.counts["skipped"] += 1
+                else:
+                    self.claimed.add(rid)
+                    mine.append(k)
+            todo.append(mine)
+        return todo
 
     def progress(self, conversations: int, tokens: int, first_request: float | None,
                  last_reply: float | None) -> None:
