@@ -184,6 +184,50 @@ def test_samples_have_their_own_ids_and_seeds_and_resume_skips_each_sample_writt
     assert sent["c1"] == request_seed(5, "c1", 0, 0) and len(set(sent.values())) == 3
 
 
+def test_an_endpoint_that_refuses_return_token_ids_is_asked_without_it():
+    """OpenAI's own API refuses fields it does not know: the client drops the field (once, for every later
+    request too) and the rows keep the reply text only."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from medusa_ray.distill.engine import HttpClient
+
+    bodies = []
+
+    class Strict(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(body)
+            refused = "return_token_ids" in body
+            reply = ({"error": {"message": "Unrecognized request argument supplied: return_token_ids"}} if refused
+                     else {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]})
+            data = json.dumps(reply).encode()
+            self.send_response(400 if refused else 200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Strict)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    async def ask():
+        async with HttpClient(f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions", {}, "chat",
+                              10.0) as client:
+            body = {"model": "m", "messages": [], "return_token_ids": True}
+            return [await client.complete(dict(body)) for _ in range(2)], client.token_ids
+
+    try:
+        replies, asks_for_ids = asyncio.run(ask())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r["text"] for r in replies] == ["hi", "hi"] and all(r["token_ids"] is None for r in replies)
+    assert ["return_token_ids" in b for b in bodies] == [True, False, False] and not asks_for_ids
+
+
 def test_reply_parsing_and_endpoint_urls():
     chat = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 2}}

@@ -343,6 +343,9 @@ MALFORMED_REPLIES = [
     ({"error": {"message": {"nested": "x\ny"}}}, "chat"),
     ({"object": "error", "message": None}, "chat"),
     ({"error": "multi\nline\nerror"}, "chat"),
+    ({"choices": [{"message": {"content": "hi"}, "token_ids": "1 2"}]}, "chat"),
+    ({"choices": [{"text": "hi", "token_ids": [1, -2]}]}, "completion"),
+    ({"choices": [{"text": "hi", "token_ids": [1.5]}]}, "completion"),
 ]
 
 
@@ -351,7 +354,8 @@ def test_malformed_replies_become_failed_rows(response, mode):
     from medusa_ray.distill.engine import parse_reply
 
     out = parse_reply(response, mode)
-    assert set(out) == {"text", "finish_reason", "prompt_tokens", "completion_tokens", "error"}
+    assert set(out) == {"text", "finish_reason", "prompt_tokens", "completion_tokens", "token_ids", "error"}
+    assert out["token_ids"] is None
     assert out["error"] and isinstance(out["error"], str) and "\n" not in out["error"], out
     assert isinstance(out["text"], str) and isinstance(out["finish_reason"], str)
     assert isinstance(out["prompt_tokens"], int) and isinstance(out["completion_tokens"], int)
@@ -363,10 +367,10 @@ def test_well_formed_replies_still_parse():
     chat = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
     assert parse_reply(chat, "chat") == {"text": "hi", "finish_reason": "stop", "prompt_tokens": 3,
-                                         "completion_tokens": 1, "error": ""}
+                                         "completion_tokens": 1, "token_ids": None, "error": ""}
     # A reply with no content (e.g. only tool calls) is an empty reply, not a failure; usage may be absent.
     assert parse_reply({"choices": [{"message": {"content": None}, "finish_reason": None}]}, "chat") == {
-        "text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "error": ""}
+        "text": "", "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "token_ids": None, "error": ""}
     assert parse_reply({"choices": [{"text": "x", "finish_reason": "length"}], "usage": None},
                        "completion")["text"] == "x"
 
