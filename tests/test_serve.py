@@ -158,3 +158,15 @@ def test_spec_decode_counters_are_read_per_model_from_prometheus_text():
     ])
     got = parse_spec_counters(text, ["medusa", "eagle3"])
     assert got == {"medusa": {"drafts": 40.0, "accepted": 60.0}, "eagle3": {"drafts": 10.0, "accepted": 5.0}}
+
+
+def test_the_cli_refuses_a_mismatched_drafter_in_one_line_before_starting_anything(tmp_path, random_tiny_model,
+                                                                                  capsys):
+    from medusa_ray import cli
+
+    export = _medusa_export(tmp_path / "export", random_tiny_model, hidden_size=4096)
+    code = cli.main(["serve", "--draft", str(export), "--model", str(random_tiny_model),
+                     f"distill.output_dir={tmp_path / 'run' / 'distilled'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("medusa-ray serve: error: the drafter in ") and "hidden size 4096 (drafter)" in err[0]
