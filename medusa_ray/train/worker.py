@@ -55,6 +55,7 @@ class Progress:
     rows: int = 0  # all ranks, cumulative
     tokens: int = 0
     truncated: int = 0
+    retokenized: int = 0  # rows trained on re-tokenized text: their replies came without generated token ids
     bad_rows: int = 0  # rows skipped because they cannot be templated or masked (all ranks)
     bad_examples: list = field(default_factory=list)  # the first few, "id=...: reason"
     best_val: float = -1.0  # best validation expected acceptance so far
@@ -113,10 +114,14 @@ def frozen_base(cfg: Config, device, dtype, needed: bool = True):
 
 
 def base_deepspeed_config(cfg: Config, dtype) -> dict[str, Any]:
-    """The sharded base's engine: ZeRO-3 partitioning, no optimizer (nothing of the base trains)."""
+    """The sharded base's engine: ZeRO-3 partitioning, no optimizer (nothing of the base trains). Each layer is
+    released as soon as it has run: by default ZeRO-3 keeps a gathered parameter that will be used again within
+    ``stage3_max_reuse_distance`` (1e9) parameters, which for a frozen base run forward after forward is all of it,
+    and nothing would be saved."""
     import torch
 
-    return {"train_micro_batch_size_per_gpu": cfg.train.batch_size, "zero_optimization": {"stage": 3},
+    zero = {"stage": 3, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}
+    return {"train_micro_batch_size_per_gpu": cfg.train.batch_size, "zero_optimization": zero,
             "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
@@ -398,16 +403,17 @@ class StepStats:
         import torch
 
         self.per_position = torch.zeros(steps, width, dtype=torch.float64)
-        self.tokens = self.rows = self.truncated = self.bad = 0
+        self.tokens = self.rows = self.truncated = self.bad = self.retokenized = 0
         self.bad_examples: list[str] = []  # this rank's, for the error message
 
-    def add(self, stats, tokens: int, rows: int, truncated: int) -> None:
+    def add(self, stats, tokens: int, rows: int, truncated: int, retokenized: int = 0) -> None:
         import torch
 
         self.per_position += stats.detach().to("cpu", torch.float64)
         self.tokens += tokens
         self.rows += rows
         self.truncated += truncated
+        self.retokenized += retokenized
 
     def add_bad(self, reasons: list[str]) -> None:
         self.bad += len(reasons)
@@ -417,11 +423,12 @@ class StepStats:
         """The sums over all ranks (a collective: every rank calls it)."""
         import torch
 
-        counts = [self.tokens, self.rows, self.truncated, self.bad]
+        counts = [self.tokens, self.rows, self.truncated, self.bad, self.retokenized]
         summed = collectives.sum(self.per_position.flatten().tolist() + counts)
         total = StepStats(*self.per_position.shape)
         total.per_position = torch.tensor(summed[:-len(counts)], dtype=torch.float64).view_as(self.per_position)
-        total.tokens, total.rows, total.truncated, total.bad = (int(v) for v in summed[-len(counts):])
+        total.tokens, total.rows, total.truncated, total.bad, total.retokenized = (
+            int(v) for v in summed[-len(counts):])
         total.bad_examples = list(self.bad_examples)
         return total
 
@@ -530,7 +537,8 @@ class Trainer:
         collated = _collate(batch, self.pad_id)
         features = self.features(batch["id"], collated, self.device)
         stats, tokens, self.lr = forward_backward(self.engine, features, collated, self.drafter, self.device)
-        self.pending.add(stats, tokens, len(batch["input_ids"]), int(batch["truncated"].sum()))
+        self.pending.add(stats, tokens, len(batch["input_ids"]), int(batch["truncated"].sum()),
+                         int(batch["retokenized"].sum()))
         self.progress.batches_in_epoch += 1
         if self.engine.global_steps != self.progress.step:  # DeepSpeed stepped the optimizer
             self.step()
@@ -544,6 +552,7 @@ class Trainer:
         p.tokens += total.tokens
         p.rows += total.rows
         p.truncated += total.truncated
+        p.retokenized += total.retokenized
         p.bad_rows += total.bad
         if self.rank == 0:
             p.bad_examples = (p.bad_examples + total.bad_examples)[:5]
@@ -636,7 +645,8 @@ class Trainer:
             world_size=self.world, shape=self.drafter.meta(module), config=cfg.to_dict(), metrics=self.metrics,
             validation=self.validation or None,
             data={"rows": p.rows, "tokens": p.tokens, "source": cfg.train_data, "truncated": p.truncated,
-                  "epoch": p.epoch, "bad_rows": p.bad_rows, "bad_examples": p.bad_examples},
+                  "retokenized": p.retokenized, "epoch": p.epoch, "bad_rows": p.bad_rows,
+                  "bad_examples": p.bad_examples},
             base_architectures=list(getattr(self.base.config, "architectures", None) or []))
 
     def finish(self) -> dict[str, Any]:
@@ -681,7 +691,11 @@ def _peak_memory_mib(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:  # this process image's own peak; ru_maxrss also counts what a parent held when it forked this process
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _collate(batch: dict[str, Any], pad_id: int):
