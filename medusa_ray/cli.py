@@ -227,8 +227,16 @@ def run_stage(args: argparse.Namespace, cfg: Config):
 def serve_until_interrupted(result) -> None:
     """``medusa-ray serve`` without ``--detach``: keep the app up until Ctrl-C (or the job is stopped), then
     delete it."""
+    import signal
     import time
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C, `ray job stop` and Kubernetes send SIGINT or SIGTERM; a shell that started us in the background may
+    # have left SIGINT ignored.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     print("serving; Ctrl-C stops and deletes the app", flush=True)
     try:
         while True:

@@ -170,3 +170,27 @@ def test_the_cli_refuses_a_mismatched_drafter_in_one_line_before_starting_anythi
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("medusa-ray serve: error: the drafter in ") and "hidden size 4096 (drafter)" in err[0]
+
+
+def test_serving_stops_and_deletes_the_app_on_sigterm(capsys):
+    import os
+    import signal
+    import threading
+
+    from medusa_ray import cli
+
+    class Result:
+        deleted = False
+
+        def shutdown(self):
+            self.deleted = True
+
+    result = Result()
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()  # `ray job stop`, Kubernetes
+        cli.serve_until_interrupted(result)
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+    assert result.deleted and "stopping" in capsys.readouterr().out
