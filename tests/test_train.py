@@ -94,8 +94,9 @@ def test_fault_mid_run_resumes_from_checkpoint_and_heads_learn(ray_session, rand
 
 @pytest.mark.slow
 def test_stopped_run_continues_when_rerun_zero3(ray_session, random_tiny_model, distilled, tmp_path, monkeypatch):
+    # The base sharded across the workers and its features cached: the road a base too big for one worker takes.
     args = (random_tiny_model, distilled, tmp_path, "rerun", "train.zero_stage=3", "train.max_steps=8",
-            "train.checkpoint_every=3")
+            "train.checkpoint_every=3", "train.shard_base=true", "train.feature_cache=true")
     # The first attempt dies at step 5 with no retries left: the run stops after its step-3 checkpoint.
     monkeypatch.setenv(*faults.env(train_fail_at_step=5).popitem())
     with pytest.raises(Exception, match="injected failure"):
@@ -196,7 +197,7 @@ def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_sessio
         record.mkdir()
         monkeypatch.setenv(*faults.env(train_record_rows_dir=str(record), **fail_at).popitem())
         cfg = _cfg(random_tiny_model, distilled, tmp_path, name, "train.zero_stage=2", "train.max_steps=40",
-                   "train.checkpoint_every=3", "train.seed=5", "train.max_failures=1")
+                   "train.checkpoint_every=3", "train.seed=5", "train.max_failures=1", "train.feature_cache=true")
         runs[name] = (run(cfg), records(record))
     (straight, straight_rows), (resumed, resumed_rows) = runs["straight"], runs["interrupted"]
     assert resumed.resumed_from == 6 and straight.global_step == resumed.global_step == 40
