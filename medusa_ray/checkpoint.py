@@ -211,7 +211,9 @@ class Found:
     @property
     def score(self) -> float | None:
         """Its validation expected acceptance (None: not validated)."""
-        return (self.meta.validation or {}).get("expected_acceptance")
+        validation = self.meta.validation or {}
+        # The moving average the stop rule follows; checkpoints from before it carry only the raw value.
+        return validation.get("smoothed_expected_acceptance", validation.get("expected_acceptance"))
 
 
 def run_checkpoints(storage_path: str, run_name: str) -> list[Found]:

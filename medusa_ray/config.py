@@ -193,13 +193,23 @@ class TrainConfig(_Section):
     step_budget: int = Field(20000, ge=1)
     """Without ``max_steps``/``epochs``: at most this many optimizer steps, whatever the data size."""
     patience: int = Field(5, ge=1)
-    """Stop after this many validations without a better expected acceptance (after ``min_steps``)."""
+    """Stop after this many validations in a row without an improvement (``min_improvement``; after
+    ``min_steps``)."""
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Share of conversations held back for validation (0 turns validation and early stopping off)."""
     val_min_rows: int = Field(20, ge=1)
     """At least this many validation conversations (but never more than a tenth of the data)."""
     val_max_rows: int = Field(500, ge=1)
-    """At most this many validation conversations."""
+    """At most this many validation conversations (unless ``val_min_tokens`` needs more)."""
+    val_min_tokens: int = Field(20000, ge=0)
+    """Validation takes more conversations while their replies hold fewer tokens than this, up to a tenth of
+    the data: the stop rule needs enough tokens to tell progress from noise (0: size it by conversations only)."""
+    min_improvement: float = Field(0.002, ge=0.0)
+    """A validation counts as an improvement only when its smoothed expected acceptance beats the best so far by
+    this share (0.002: 0.2%); ``patience`` counts validations without one."""
+    val_smoothing: float = Field(0.5, ge=0.0, lt=1.0)
+    """Early stopping and the best checkpoint follow an exponential moving average of the validation expected
+    acceptance (``s * previous + (1 - s) * new``), not one noisy validation (0: the raw value)."""
     val_every: Optional[int] = Field(None, ge=1)
     """Validate every N optimizer steps. Default: twice per epoch, between 10 and 500 steps."""
     max_bad_rows: float = Field(0.01, ge=0.0)

@@ -102,3 +102,59 @@ def test_a_prompts_samples_stay_on_one_side_of_the_validation_split(tmp_path):
 
     first = sorted(prompts, key=lambda p: hashlib.sha256(f"0:{p}".encode()).digest())[:10]
     assert sorted(r["id"] for u in plan.val for r in reader.rows(u, list(u.rows))) == sorted(first)
+
+
+def _token_files(tmp_path, tokens_per_row: int, n: int = 1000):
+    ids = [f"r{i}" for i in range(n)]
+    table = pa.table({"id": ids, "messages": [[{"role": "user", "content": i}] for i in ids], "mode": ["chat"] * n,
+                      "completion_tokens": [tokens_per_row] * n})
+    path = tmp_path / f"tokens-{tokens_per_row}.parquet"
+    pq.write_table(table, path)
+    return [str(path)]
+
+
+def test_validation_takes_enough_reply_tokens_up_to_a_tenth_of_the_data(tmp_path):
+    # 20 rows of 500 tokens already hold 10k tokens: the row floor (2% of 1000, at least 20) decides.
+    plan = make_plan(_token_files(tmp_path, 500), 0, 0.02, 20, 500, val_min_tokens=10_000)
+    assert plan.val_rows == 20
+    # Rows of 200 tokens: 50 rows make 10k tokens, more than the 20 the row floor asks for.
+    plan = make_plan(_token_files(tmp_path, 200), 0, 0.02, 20, 500, val_min_tokens=10_000)
+    assert plan.val_rows == 50 and plan.train_rows == 950
+    # Short rows: never more than a tenth of the data, whatever the token floor.
+    assert make_plan(_token_files(tmp_path, 10), 0, 0.02, 20, 500, val_min_tokens=10_000).val_rows == 100
+    # Data without token counts, and val_fraction 0 (no validation), are as before.
+    assert make_plan(_files(tmp_path), 0, 0.05, 20, 500, val_min_tokens=10_000).val_rows == 20
+    assert make_plan(_token_files(tmp_path, 10), 0, 0.0, 20, 500, val_min_tokens=10_000).val_rows == 0
+
+
+def test_the_stop_rule_follows_a_smoothed_curve_and_needs_a_real_improvement():
+    from medusa_ray.train.worker import Progress, Schedule, record_validation
+
+    schedule = Schedule(total_steps=1000, warmup_steps=0, val_every=10, checkpoint_every=10, early_stopping=True,
+                        min_steps=0, patience=3, min_improvement=0.01, smoothing=0.5)
+    p = Progress()
+    # A real rise, then noise that creeps upward by less than 1%: patience runs out.
+    curve = [1.2, 1.5, 1.6, 1.61, 1.605, 1.612, 1.608, 1.61, 1.606, 1.611, 1.609, 1.612, 1.607, 1.61]
+    smoothed = []
+    for i, ea in enumerate(curve):
+        p.step = (i + 1) * 10
+        record_validation(p, schedule, ea)
+        smoothed.append(p.smoothed)
+        if p.stopped_early:
+            break
+    assert p.stopped_early and p.step < len(curve) * 10
+    assert "did not improve by 1.0% in 3 validations" in p.stop_reason
+    # The best checkpoint is the best of the smoothed curve.
+    assert p.best_val == max(smoothed) and p.best_step == (smoothed.index(max(smoothed)) + 1) * 10
+
+    # One lucky validation does not make a checkpoint the best when the average disagrees.
+    p = Progress()
+    for i, ea in enumerate([1.5, 1.9, 1.5, 1.5]):
+        p.step = (i + 1) * 10
+        record_validation(p, Schedule(**{**schedule.__dict__, "smoothing": 0.0}), ea)
+    raw_best = p.best_step
+    p = Progress()
+    for i, ea in enumerate([1.5, 1.9, 1.5, 1.5]):
+        p.step = (i + 1) * 10
+        record_validation(p, schedule, ea)
+    assert raw_best == 20 and p.best_val == 1.7 and p.best_step == 20

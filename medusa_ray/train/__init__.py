@@ -66,6 +66,8 @@ class TrainResult:
     best_validation: dict[str, Any] = field(default_factory=dict)
     """That checkpoint's validation."""
     stopped_early: bool = False
+    stop_reason: str = ""
+    """Why training ended: the stop rule (with the best step), the planned steps, or the epochs."""
     tokens_per_s: float | None = None
     """Training throughput of the last attempt, all workers, over its optimizer steps (validation excluded)."""
     peak_memory_mib: float | None = None
@@ -100,15 +102,18 @@ class TrainResult:
             accs = "  ".join(f"{self.metrics.get(f'{name}_{c}', float('nan')):>6.3f}" for c in cols)
             val = f"  {val_top1[k]:>8.3f}" if k < len(val_top1) else ""
             lines.append(f"{k:>4}  {'t+' + str(k + 2):>8}  {t.head_decay**k:>6.3f}  {loss:>7.4f}  {accs}{val}")
-        stop = " (stopped early: validation stopped improving)" if self.stopped_early else ""
+        stop = " (stopped early)" if self.stopped_early else ""
         out = [f"trained {drafter.title}: step {self.global_step}{stop}, loss "
                f"{self.metrics.get('loss', float('nan')):.4f}, {self.metrics.get('tokens_per_s', float('nan')):.0f} "
                "tokens/s", *lines]
         v = self.validation
         if v:
             out.append(f"validation expected acceptance {v['expected_acceptance']:.3f} on {v['rows']} held-back "
-                       f"conversations (best {v['best_expected_acceptance']:.3f} at step {v['best_step']}; an "
-                       "estimate of vLLM's acceptance length)")
+                       f"conversations (best {v['best_expected_acceptance']:.3f} smoothed, at step {v['best_step']}; "
+                       "an estimate of vLLM's acceptance length)")
+        if self.stop_reason:
+            curve = next((p for p in self.plots if p.endswith("validation.png")), None)
+            out.append(f"stopped after {self.stop_reason}" + (f" (the curve: {curve})" if curve else ""))
         if self.data.get("retokenized"):
             out.append(f"{self.data['retokenized']} of {self.data.get('rows', '?')} rows read were trained on "
                        "re-tokenized text: their replies came without the generated token ids (distilled before "
@@ -153,7 +158,8 @@ def _train(cfg: Config, files: list[str], hidden_size: int, vocab_size: int, loc
     t = cfg.train
     _check_resumable(cfg, hidden_size, vocab_size)
 
-    plan = make_plan(files, t.seed, t.val_fraction, t.val_min_rows, t.val_max_rows, world=t.num_workers)
+    plan = make_plan(files, t.seed, t.val_fraction, t.val_min_rows, t.val_max_rows, world=t.num_workers,
+                     val_min_tokens=t.val_min_tokens)
     if plan.train_rows == 0:
         raise UserError(f"train data {cfg.train_data} has no rows")
     if plan.duplicates:
@@ -246,7 +252,7 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, pr
 
     t = cfg.train
     # Checkpoints are ranked by validation; Ray Train keeps the best ones and always the latest (to resume).
-    score = {"checkpoint_score_attribute": "val_expected_acceptance", "checkpoint_score_order": "max"} \
+    score = {"checkpoint_score_attribute": "val_smoothed_expected_acceptance", "checkpoint_score_order": "max"} \
         if plan.val_rows else {}
     with progress.board("train", "steps", _render) as board:
         trainer = TorchTrainer(
@@ -291,7 +297,8 @@ def _fit(cfg: Config, plan, schedule: Schedule, location: str, use_gpu: bool, pr
                        plot=plots[0] if plots else None, plots=plots,
                        data=meta.data, nodes=worker_nodes(checkpoint), validation=validation,
                        best_checkpoint=best.uri, best_validation=best.meta.validation or {},
-                       stopped_early=bool(state.get("stopped_early")), peak_memory_mib=out.get("peak_memory_mib"),
+                       stopped_early=bool(state.get("stopped_early")), stop_reason=state.get("stop_reason", ""),
+                       peak_memory_mib=out.get("peak_memory_mib"),
                        tokens_per_s=out.get("tokens_per_s"), method=t.method,
                        train_cfg=cfg.to_dict()["train"])
 
@@ -314,7 +321,8 @@ def plan_schedule(t, train_rows: int) -> Schedule:
     max_bad = int(t.max_bad_rows) if t.max_bad_rows >= 1 else int(t.max_bad_rows * train_rows)
     return Schedule(total_steps=total, warmup_steps=min(warmup, max(total - 1, 0)), val_every=val_every,
                     checkpoint_every=t.checkpoint_every or val_every, early_stopping=early, min_steps=t.min_steps,
-                    patience=t.patience, max_epochs=max_epochs, max_bad_rows=max_bad)
+                    patience=t.patience, max_epochs=max_epochs, max_bad_rows=max_bad,
+                    min_improvement=t.min_improvement, smoothing=t.val_smoothing)
 
 
 def _resolve_paths(cfg: Config) -> Config:

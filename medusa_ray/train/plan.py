@@ -65,25 +65,32 @@ def _key(seed: int, row_id: str) -> bytes:
     return hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
 
 
-def make_plan(files: list[str], seed: int, val_fraction: float, val_min: int, val_max: int, world: int = 1
-              ) -> DataPlan:
+def make_plan(files: list[str], seed: int, val_fraction: float, val_min: int, val_max: int, world: int = 1,
+              val_min_tokens: int = 0) -> DataPlan:
     """Read the ids, split validation from training, cut units (see the module docstring): small enough that
-    each of ``world`` ranks gets several, so a small shard is not all dealt to one rank."""
+    each of ``world`` ranks gets several, so a small shard is not all dealt to one rank.
+
+    Validation takes ``validation_size`` rows, then more, while their replies hold fewer than ``val_min_tokens``
+    tokens (the distilled ``completion_tokens``), up to a tenth of the rows: a stop rule needs enough tokens to
+    tell progress from noise, and a few long conversations or many short ones may hold them."""
 
     seen: set[str] = set()
     rows: list[tuple[str, int, int, str]] = []  # (file, row group, index, id), first occurrence of each id
     prompts: dict[str, str] = {}  # row id -> the id of the prompt it answers
+    tokens: dict[str, int] = {}  # row id -> its replies' tokens (0 where the data does not say)
     duplicates = 0
     for f in files:
         pf = parquet.open_file(f)
         names = pf.schema_arrow.names
-        has_id, has_prompt = "id" in names, "prompt_id" in names
+        has_id, has_prompt, has_tokens = "id" in names, "prompt_id" in names, "completion_tokens" in names
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             ids = pf.read_row_group(rg, columns=["id"]).column("id").to_pylist() if has_id else [None] * n
             of = pf.read_row_group(rg, columns=["prompt_id"]).column("prompt_id").to_pylist() if has_prompt \
                 else [None] * n
-            for i, (row_id, prompt) in enumerate(zip(ids, of)):
+            counts = pf.read_row_group(rg, columns=["completion_tokens"]).column("completion_tokens").to_pylist() \
+                if has_tokens and val_min_tokens else [0] * n
+            for i, (row_id, prompt, count) in enumerate(zip(ids, of, counts)):
                 row_id = str(row_id) if row_id is not None else f"{f}#{rg}:{i}"
                 if row_id in seen:
                     duplicates += 1
@@ -91,17 +98,26 @@ def make_plan(files: list[str], seed: int, val_fraction: float, val_min: int, va
                 seen.add(row_id)
                 rows.append((f, rg, i, row_id))
                 prompts[row_id] = str(prompt) if prompt is not None else prompt_id_of(row_id)
+                tokens[row_id] = int(count or 0)
     n_val = validation_size(len(rows), val_fraction, val_min, val_max)
     # Whole prompts in seeded-hash order until they hold n_val rows: with one row per prompt, the n_val rows
     # whose ids hash first, as before there were samples.
     per_prompt = Counter(prompts.values())
+    prompt_tokens: Counter = Counter()
+    for row_id, prompt in prompts.items():
+        prompt_tokens[prompt] += tokens[row_id]
+    spare = len(rows) // 10 if n_val else 0  # val_fraction 0 (or tiny data): no validation at all
+    if not any(tokens.values()):  # data that does not count its tokens: sized by rows, as before
+        val_min_tokens = 0
     val_prompts: set[str] = set()
-    taken = 0
+    taken = taken_tokens = 0
     for prompt in sorted(per_prompt, key=lambda p: _key(seed, p)):
-        if taken >= n_val:
+        enough_rows = taken >= n_val
+        if enough_rows and (taken_tokens >= val_min_tokens or taken + per_prompt[prompt] > spare):
             break
         val_prompts.add(prompt)
         taken += per_prompt[prompt]
+        taken_tokens += prompt_tokens[prompt]
     val_ids = {r[3] for r in rows if prompts[r[3]] in val_prompts}
     train = [r for r in rows if r[3] not in val_ids]
     val = [r for r in rows if r[3] in val_ids]

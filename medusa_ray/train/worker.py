@@ -58,10 +58,13 @@ class Progress:
     retokenized: int = 0  # rows trained on re-tokenized text: their replies came without generated token ids
     bad_rows: int = 0  # rows skipped because they cannot be templated or masked (all ranks)
     bad_examples: list = field(default_factory=list)  # the first few, "id=...: reason"
-    best_val: float = -1.0  # best validation expected acceptance so far
+    best_val: float = -1.0  # best smoothed validation expected acceptance so far
     best_step: int = 0
-    since_best: int = 0  # validations without improvement
+    since_best: int = 0  # validations since the last improvement by train.min_improvement
     stopped_early: bool = False
+    smoothed: float = -1.0  # the moving average of validation expected acceptance (train.val_smoothing)
+    bar: float = -1.0  # the smoothed value the next improvement must beat by train.min_improvement
+    stop_reason: str = ""
 
 
 @dataclass
@@ -77,6 +80,10 @@ class Schedule:
     """Stop once validation stops improving (``patience``), not before ``min_steps``."""
     min_steps: int = 0
     patience: int = 0
+    min_improvement: float = 0.0
+    """An improvement beats the last one by this share."""
+    smoothing: float = 0.0
+    """Weight of the previous value in the moving average of validation expected acceptance."""
     max_epochs: int | None = None
     max_bad_rows: int = 0
     """More skipped rows than this fail the run."""
@@ -395,6 +402,24 @@ def run_loop(cfg: Config, session: Session, plan: DataPlan, schedule: Schedule, 
     return Trainer(cfg, session, plan, schedule, location, board, prepared, faults, features_complete).run()
 
 
+def record_validation(p: Progress, s: Schedule, ea: float) -> None:
+    """The stop rule, after a validation measured expected acceptance ``ea`` at step ``p.step``.
+
+    One validation is noisy: the rule and the best checkpoint follow a moving average (``s.smoothing``), and only
+    an improvement of it by ``s.min_improvement`` resets patience, so a run that creeps up by noise stops."""
+    p.smoothed = ea if p.smoothed < 0 else s.smoothing * p.smoothed + (1 - s.smoothing) * ea
+    if p.smoothed > p.best_val:
+        p.best_val, p.best_step = p.smoothed, p.step
+    if p.bar < 0 or p.smoothed > p.bar * (1 + s.min_improvement):
+        p.bar, p.since_best = p.smoothed, 0
+    else:
+        p.since_best += 1
+    if s.early_stopping and p.step >= s.min_steps and p.since_best >= s.patience:
+        p.stopped_early = True
+        p.stop_reason = (f"validation expected acceptance (smoothed) did not improve by {s.min_improvement:.1%} in "
+                         f"{s.patience} validations; best {p.best_val:.3f} at step {p.best_step}")
+
+
 class StepStats:
     """What micro-batches add up to until an optimizer step: the drafter's per-position stats and the counts.
     ``reduce`` sums them over every rank in one collective."""
@@ -597,14 +622,10 @@ class Trainer:
         summed = torch.tensor(self.collectives.sum(stats.flatten().tolist()), dtype=torch.float64).view_as(stats)
         per_step = drafter.metrics(summed)
         ea = expected_acceptance(drafter.chain(per_step))
-        if ea > p.best_val:
-            p.best_val, p.best_step, p.since_best = ea, p.step, 0
-        else:
-            p.since_best += 1
-        if s.early_stopping and p.step >= s.min_steps and p.since_best >= s.patience:
-            p.stopped_early = True
+        record_validation(p, s, ea)
         names = [drafter.name(k) for k in range(drafter.steps)]
-        self.validation = {"step": p.step, "expected_acceptance": ea, "top1": drafter.top1(per_step),
+        self.validation = {"step": p.step, "expected_acceptance": ea, "smoothed_expected_acceptance": p.smoothed,
+                           "top1": drafter.top1(per_step),
                            "loss": [per_step[f"{name}_loss"] for name in names], "names": names,
                            "rows": self.validator.rows, "best_step": p.best_step, "best_expected_acceptance": p.best_val}
         if self.rank == 0:
@@ -628,6 +649,7 @@ class Trainer:
             reported = dict(self.metrics)
             if self.validation:
                 reported["val_expected_acceptance"] = self.validation["expected_acceptance"]
+                reported["val_smoothed_expected_acceptance"] = self.validation["smoothed_expected_acceptance"]
             session.report(reported, tmp, p.step)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -652,7 +674,10 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """The final state validated and saved (if the epochs ran out before the planned steps), the tracker's
         summary, the plots; what the driver reads back."""
-        p = self.progress
+        p, s = self.progress, self.schedule
+        if not p.stop_reason:
+            p.stop_reason = (f"the planned {s.total_steps} steps" if p.step >= s.total_steps else
+                             f"{p.epoch} epochs (train.max_epochs)" if s.max_epochs is not None else "")
         if p.step > 0 and self.last_checkpoint != p.step:
             if self.validator is not None and self.validation.get("step") != p.step:
                 self.validate()
