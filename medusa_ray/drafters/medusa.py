@@ -45,6 +45,10 @@ class MedusaKeys(DrafterKeys):
     """Project every head through the frozen base ``lm_head`` instead of a trainable copy each."""
     topk: int = Field(3, ge=1)
     """Report top-1 .. top-k accuracy per head."""
+    soft_target_weight: float = Field(0.0, ge=0.0, le=1.0)
+    """Soft targets: head k's target is ``(1 - w) * the distilled token + w * the base's own distribution`` for that
+    token (its ``lm_head`` on its hidden state one position earlier, fp32, chunked like the loss). Off (0) by
+    default until its effect on vLLM's acceptance has been measured (``benchmarks/recipe.py``)."""
 
 
 def medusa_metrics(stats, head_decay: float, topk: int) -> dict[str, float]:
@@ -74,6 +78,7 @@ class Medusa(Drafter):
     def __init__(self, cfg, prepared=None):
         super().__init__(cfg, prepared)
         self.steps, self.width = cfg.train.medusa_num_heads, 2 + cfg.train.topk
+        self.base_lm_head = None  # the frozen base lm_head, for soft targets (``build``)
 
     # ---- config -------------------------------------------------------------------------------------------
     @classmethod
@@ -106,8 +111,14 @@ class Medusa(Drafter):
 
         t = self.cfg.train
         torch.manual_seed(t.seed)
-        heads = MedusaHeads(t.medusa_num_heads, t.medusa_num_layers, output_weight(base, self.cfg.model),
-                            share_lm_head=t.share_lm_head)
+        lm_head = output_weight(base, self.cfg.model)
+        heads = MedusaHeads(t.medusa_num_heads, t.medusa_num_layers, lm_head, share_lm_head=t.share_lm_head)
+        # Soft targets project through the base lm_head as it is: a frozen reference (the base's own parameter
+        # where this process holds it, no copy), never a parameter or buffer of the heads, so the checkpoint's
+        # weights and the export are the same with or without them. Shared heads already hold it.
+        self.base_lm_head = None
+        if t.soft_target_weight > 0 and not t.share_lm_head:
+            self.base_lm_head = lm_head.detach().to(device)
         return heads.to(device=device, dtype=dtype)
 
     def loss(self, engine, features, batch, device):
@@ -116,8 +127,11 @@ class Medusa(Drafter):
         dtype = next(engine.module.parameters()).dtype
         hidden = features["last"].to(device=device, dtype=dtype)
         t = self.cfg.train
+        soft = {}
+        if t.soft_target_weight > 0:
+            soft = {"soft_target_weight": t.soft_target_weight, "base_lm_head": self.base_lm_head}
         loss, stats = engine(hidden, labels=labels, head_decay=t.head_decay, topk=t.topk,
-                             chunk_tokens=t.logits_chunk_tokens)
+                             chunk_tokens=t.logits_chunk_tokens, **soft)
         return loss, stats, mask
 
     def metrics(self, stats) -> dict[str, float]:

@@ -6,6 +6,8 @@ The module's ``state_dict`` *is* the FasterDecoding/TGI layout, so export needs 
     {k}.{L}.weight                                vocab projection of head k
 
 Head k (0-based) at position t predicts token t + k + 2; the base model's own lm_head covers t + 1.
+With soft targets, head k also learns the base's own distribution for that token: the base lm_head applied to
+the base's last hidden state at position t + k + 1.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ class VocabProjection(nn.Linear):
         with torch.no_grad():
             self.weight.copy_(weight)
 
-    def forward(self, h: torch.Tensor, target: torch.Tensor | None = None, chunk_tokens: int = 1024, topk: int = 1):
+    def forward(self, h: torch.Tensor, target: torch.Tensor | None = None, chunk_tokens: int = 1024, topk: int = 1,
+                **soft):
         if target is None:
             return F.linear(h, self.weight)
-        return linear_cross_entropy(h, self.weight, target, chunk_tokens, topk)
+        return linear_cross_entropy(h, self.weight, target, chunk_tokens, topk, **soft)
 
 
 class MedusaHeads(nn.ModuleList):
@@ -85,12 +88,13 @@ class MedusaHeads(nn.ModuleList):
             return F.linear(h, self.shared_lm_head.to(h.dtype))
         return self[k][self.num_layers](h)
 
-    def head_loss(self, k: int, h: torch.Tensor, target: torch.Tensor, chunk_tokens: int, topk: int):
-        """Head k's summed cross-entropy and top-1..topk hit counts for hidden states ``h`` [N, H]."""
+    def head_loss(self, k: int, h: torch.Tensor, target: torch.Tensor, chunk_tokens: int, topk: int, **soft):
+        """Head k's summed cross-entropy and top-1..topk hit counts for hidden states ``h`` [N, H]; ``soft``:
+        ``linear_cross_entropy``'s soft-target arguments."""
         z = self.hidden(k, h)
         if self.share_lm_head:
-            return linear_cross_entropy(z, self.shared_lm_head.to(z.dtype), target, chunk_tokens, topk)
-        return self[k][self.num_layers](z, target, chunk_tokens, topk)
+            return linear_cross_entropy(z, self.shared_lm_head.to(z.dtype), target, chunk_tokens, topk, **soft)
+        return self[k][self.num_layers](z, target, chunk_tokens, topk, **soft)
 
     def forward(
         self,
@@ -99,6 +103,8 @@ class MedusaHeads(nn.ModuleList):
         head_decay: float = 0.8,
         topk: int = 1,
         chunk_tokens: int = 1024,
+        soft_target_weight: float = 0.0,
+        base_lm_head: torch.Tensor | None = None,
     ):
         """Without ``labels``: full logits of every head (inference on a few positions).
 
@@ -106,9 +112,20 @@ class MedusaHeads(nn.ModuleList):
         ``loss = sum_k head_decay**k * mean CE of head k`` over the positions whose target token
         (t + k + 2) carries a label, and ``stats`` [K, 2 + topk] holds per head the summed loss, the
         number of positions and the top-1..topk hit counts (detached, summable across ranks).
+
+        ``hidden`` is the base's last hidden state (the input of its ``lm_head``). With ``soft_target_weight``
+        w > 0 head k's target at t is ``(1 - w) * onehot(label[t + k + 2]) + w * softmax(base_lm_head @
+        hidden[t + k + 1])``, the base's own distribution for that token; ``base_lm_head`` is the frozen base
+        ``lm_head`` weight [V, H] (default: the shared one, with ``share_lm_head``). Top-k hits stay against
+        the hard label.
         """
         if labels is None:
             return [self.project(k, self.hidden(k, hidden)) for k in range(self.num_heads)]
+        soft = soft_target_weight > 0.0
+        if soft and base_lm_head is None:
+            if not self.share_lm_head:
+                raise ValueError("soft targets need the base lm_head weight (base_lm_head)")
+            base_lm_head = self.shared_lm_head
         total = hidden.new_zeros((), dtype=torch.float32)
         stats = []
         seq_len = hidden.shape[1]
@@ -118,7 +135,11 @@ class MedusaHeads(nn.ModuleList):
             keep = target != IGNORE_INDEX
             h = hidden[:, : max(seq_len - shift, 0)][keep]
             y = target[keep]
-            loss_sum, correct = self.head_loss(k, h, y, chunk_tokens, topk)
+            extra = {}
+            if soft:  # the base's output one position before the target: t + k + 1, always in the sequence
+                extra = {"soft_h": hidden[:, k + 1 : k + 1 + max(seq_len - shift, 0)][keep],
+                         "soft_weight": base_lm_head, "soft_target_weight": soft_target_weight}
+            loss_sum, correct = self.head_loss(k, h, y, chunk_tokens, topk, **extra)
             n = y.numel()
             total = total + (head_decay**k) * loss_sum / max(n, 1)
             stats.append(torch.cat([loss_sum.detach().reshape(1), loss_sum.new_tensor([n]), correct]))
