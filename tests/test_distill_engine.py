@@ -1,7 +1,7 @@
 """Engine settings that need no running engine: replica scaling, requests in flight, CPU memory defaults."""
 
 from medusa_ray.config import build_config
-from medusa_ray.distill.engine import _deployment_config, _with_cpu_defaults, in_flight_per_replica, max_replicas
+from medusa_ray.distill.engine import _deployment_config, with_cpu_defaults, in_flight_per_replica, max_replicas
 
 
 def test_fixed_replicas_without_bounds_and_queue_depth_autoscaling_with_them():
@@ -15,9 +15,9 @@ def test_fixed_replicas_without_bounds_and_queue_depth_autoscaling_with_them():
 
 
 def test_cpu_replicas_take_a_tenth_of_ram_unless_told_otherwise():
-    assert _with_cpu_defaults({}, "cpu") == {"gpu_memory_utilization": 0.1}
-    assert _with_cpu_defaults({"gpu_memory_utilization": 0.3}, "cpu") == {"gpu_memory_utilization": 0.3}
-    assert _with_cpu_defaults({}, "gpu") == {}
+    assert with_cpu_defaults({}, "cpu") == {"gpu_memory_utilization": 0.1}
+    assert with_cpu_defaults({"gpu_memory_utilization": 0.3}, "cpu") == {"gpu_memory_utilization": 0.3}
+    assert with_cpu_defaults({}, "gpu") == {}
 
 
 def test_requests_in_flight_fill_every_replica_the_run_may_have():

