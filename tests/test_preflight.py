@@ -118,6 +118,13 @@ def test_the_tiny_model_trains_replicated(tmp_path):
     assert preflight.train_estimate(cfg, False, False).total < 1
 
 
+@pytest.fixture(autouse=True)
+def _no_ray(monkeypatch):
+    """Every test here sees no cluster unless it fakes one: in the full suite a slow test's session cluster (no
+    GPUs) is still up, and the engine check would ask it."""
+    monkeypatch.setattr(preflight, "_ray_up", lambda: False)
+
+
 def _fake_ray(monkeypatch, nodes, node_types=None):
     monkeypatch.setattr(preflight, "_ray_up", lambda: True)
     monkeypatch.setattr(preflight, "_alive_nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes])
