@@ -188,12 +188,15 @@ class TrainEstimate:
     def total(self) -> float:
         return self.base + self.drafter + self.optimizer + self.activations
 
-    def parts(self) -> str:
+    def parts(self, scale: float = 1.0) -> str:
+        """The parts in GiB (``scale`` 1024: in MiB)."""
         how = f"sharded 1/{self.num_workers}" if self.shard_base else "replicated"
-        return (f"base {self.base:.1f} ({how}), drafter {self.drafter:.1f}, optimizer {self.optimizer:.1f}, "
-                f"activations {self.activations:.1f}")
+        return (f"base {self.base * scale:.1f} ({how}), drafter {self.drafter * scale:.1f}, optimizer "
+                f"{self.optimizer * scale:.1f}, activations {self.activations * scale:.1f}")
 
     def line(self) -> str:
+        if self.total < 1:  # a small model: in MiB, where GiB would print zeros
+            return f"per worker ≈ {self.total * 1024:.1f} MiB: {self.parts(1024)}"
         return f"per worker ≈ {self.total:.1f} GiB: {self.parts()}"
 
 

@@ -178,3 +178,8 @@ def test_engine_refuses_when_no_node_has_the_gpus(llama70b, monkeypatch):
     # A node type the autoscaler can add counts.
     _fake_ray(monkeypatch, [{"CPU": 0}], node_types=[{"CPU": 96, "GPU": 8, "accelerator_type:H100": 1}])
     assert preflight.prepare_engine(cfg, "eval", {"max_model_len": 8192}, "gpu")["tensor_parallel_size"] == 4
+
+
+def test_a_small_model_s_estimate_is_in_mib(random_tiny_model):
+    line = preflight.train_estimate(_cfg(random_tiny_model), False, False).line()
+    assert line.startswith("per worker ≈ ") and " MiB: base " in line and "base 0.0 " not in line
