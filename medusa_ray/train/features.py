@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from medusa_ray.paths import is_remote, join
+from medusa_ray.paths import as_uri, is_remote, join
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def prepare(location: str, wanted: dict[str, Any]) -> int:
     write the new spec. Returns how many files it holds (a resumed run's)."""
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(_uri(join(location, DIR)))
+    fs, root = pyarrow.fs.FileSystem.from_uri(as_uri(join(location, DIR)))
     info = fs.get_file_info(join(root, SPEC))
     if info.type == pyarrow.fs.FileType.File:
         with fs.open_input_stream(join(root, SPEC)) as f:
@@ -62,13 +62,23 @@ def prepare(location: str, wanted: dict[str, Any]) -> int:
     return 0
 
 
-def cached_ids(location: str) -> set[str]:
-    """The rows the run's cache holds (from the files' headers, without reading their tensors)."""
+def _files_rows(root_uri: str, skip: set[str] = frozenset()):
+    """(file name, its row ids) for every cache file under ``root_uri`` not in ``skip``, from the files' headers
+    (their tensors are not read)."""
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(_uri(join(location, DIR)))
-    return {row_id for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-            if info.base_name.endswith(".safetensors") for row_id in FeatureStore._rows_of(fs, info.path)}
+    fs, root = pyarrow.fs.FileSystem.from_uri(root_uri)
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        if info.base_name.endswith(".safetensors") and info.base_name not in skip:
+            with fs.open_input_file(info.path) as f:
+                size = int.from_bytes(f.read_at(8, 0), "little")
+                header = json.loads(f.read_at(size, 8))
+            yield info.base_name, json.loads(header.get("__metadata__", {}).get("rows", "[]"))
+
+
+def cached_ids(location: str) -> set[str]:
+    """The rows the run's cache holds."""
+    return {row_id for _, rows in _files_rows(as_uri(join(location, DIR))) for row_id in rows}
 
 
 def holds_every_row(location: str, plan) -> bool:
@@ -76,12 +86,6 @@ def holds_every_row(location: str, plan) -> bool:
     from medusa_ray.train.plan import row_ids
 
     return row_ids(plan) <= cached_ids(location)
-
-
-def _uri(location: str) -> str:
-    from medusa_ray.paths import as_uri
-
-    return as_uri(location)
 
 
 class FeatureStore:
@@ -103,25 +107,10 @@ class FeatureStore:
 
     def refresh(self) -> None:
         """Learn the files every rank has written so far (call when ranks are in step: at an epoch's start)."""
-        import pyarrow.fs
-
-        fs, root = pyarrow.fs.FileSystem.from_uri(_uri(self.root))
         known = {name for name, _ in self.index.values()}
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
-            if info.base_name.endswith(".safetensors") and info.base_name not in known:
-                for position, row_id in enumerate(self._rows_of(fs, info.path)):
-                    self.index[row_id] = (info.base_name, position)
-
-    @staticmethod
-    def _rows_of(fs, path: str) -> list[str]:
-        """The row ids in a file's safetensors header, read without reading its tensors."""
-        with fs.open_input_file(path) as f:
-            size = int.from_bytes(f.read_at(8, 0), "little")
-            header = json.loads(f.read_at(size, 8))
-        return json.loads(header.get("__metadata__", {}).get("rows", "[]"))
-
-    def __len__(self) -> int:
-        return len(self.index) + len(self.pending)
+        for name, rows in _files_rows(as_uri(self.root), known):
+            for position, row_id in enumerate(rows):
+                self.index[row_id] = (name, position)
 
     def get(self, row_ids: list[str]) -> list[dict[str, Any]] | None:
         """Every row's features (each ``[len, ...]``), or None when any of them is not cached yet."""
