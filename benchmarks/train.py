@@ -14,6 +14,8 @@ downloaded), train the same K heads with AdamW, and differ only in how the loss 
   so each variant is compared with a reference that does the same work.
 * medusa-ray: base decoder only, heads only on label-carrying positions, chunked cross-entropy with the
   gradients formed chunk by chunk (``medusa_ray.model.loss``), so no full logits ever exist.
+* medusa-ray with soft targets (``train.soft_target_weight``): the same, plus the base ``lm_head``'s
+  distribution for each target, also chunk by chunk.
 
 Each case runs in a fresh process so peak memory is its own: on CPU the peak RSS during the timed steps
 (VmHWM reset through /proc/self/clear_refs) minus the RSS before them; on GPU max_memory_allocated minus
@@ -129,12 +131,13 @@ def _reference_step(base, heads, ids, mask, labels, decay: float, topk: int):
     return loss.detach()
 
 
-def _ours_step(base, heads, ids, mask, labels, decay: float, topk: int, chunk: int):
+def _ours_step(base, heads, ids, mask, labels, decay: float, topk: int, chunk: int, soft: float = 0.0):
     import torch
 
     with torch.no_grad():
         hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    loss, _ = heads(hidden, labels=labels, head_decay=decay, topk=topk, chunk_tokens=chunk)
+    extra = {"soft_target_weight": soft, "base_lm_head": base.get_output_embeddings().weight} if soft else {}
+    loss, _ = heads(hidden, labels=labels, head_decay=decay, topk=topk, chunk_tokens=chunk, **extra)
     loss.backward()
     return loss.detach()
 
@@ -160,7 +163,8 @@ def _case(args, variant: str, vocab: int, batches, queue):
         if variant.startswith("reference"):
             loss = _reference_step(base, heads, ids, mask, labels, 0.8, args.topk)
         else:
-            loss = _ours_step(base, heads, ids, mask, labels, 0.8, args.topk, args.chunk)
+            loss = _ours_step(base, heads, ids, mask, labels, 0.8, args.topk, args.chunk,
+                              soft=args.soft_target_weight if variant == "soft" else 0.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
@@ -206,6 +210,7 @@ def main(argv=None) -> None:
     p.add_argument("--chunk", type=int, default=1024, help="train.logits_chunk_tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--soft-target-weight", type=float, default=0.5, help="the soft-target variant's weight")
     args = p.parse_args(argv)
 
     from medusa_ray.tiny import make_tiny_model
@@ -221,7 +226,7 @@ def main(argv=None) -> None:
     ctx = mp.get_context("spawn")
     rows = []
     for vocab in [int(v) for v in args.vocabs.split(",")]:
-        for variant in ("reference", "ours", "reference_shared", "share_lm_head"):
+        for variant in ("reference", "ours", "soft", "reference_shared", "share_lm_head"):
             if variant in ("reference_shared", "share_lm_head") and vocab < 32000:
                 continue
             q = ctx.Queue()
@@ -236,8 +241,9 @@ def main(argv=None) -> None:
             print(f"  done: {variant} @ vocab {vocab}", file=sys.stderr)
 
     names = {"reference": "reference (train_legacy)", "ours": "medusa-ray",
+             "soft": f"medusa-ray, soft targets {args.soft_target_weight:g}",
              "reference_shared": "reference, shared lm_head", "share_lm_head": "medusa-ray, share_lm_head"}
-    baseline = {"ours": "reference", "reference": "reference", "share_lm_head": "reference_shared",
+    baseline = {"ours": "reference", "soft": "reference", "reference": "reference", "share_lm_head": "reference_shared",
                 "reference_shared": "reference_shared"}
     print(f"\n{'vocab':>7}  {'step':<26} {'tokens/s':>10} {'peak MiB':>10} {'speed-up':>9} {'memory':>7}")
     for r in rows:
