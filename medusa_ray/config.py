@@ -230,7 +230,7 @@ class TrainConfig(_Section):
     max_failures: int = Field(1, ge=0)
     """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
     log_every: int = Field(1, ge=1)
-    """Report metrics every N steps."""
+    """Write metrics (``metrics.jsonl`` and the trackers) every N steps."""
     tracking: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers receiving the metrics (rank 0 only)."""
     wandb_project: str = "medusa-ray"

@@ -1,5 +1,6 @@
 """The worker's training step in-process (real DeepSpeed, one rank over gloo): frozen base, heads-only optimizer."""
 
+import json
 import os
 import socket
 
@@ -96,9 +97,21 @@ def test_the_loop_runs_without_ray_and_its_checkpoint_exports(process_group, ran
                             "train.max_length=128", "train.tracking=[]", f"export.output_dir={tmp_path / 'export'}"])
     plan = make_plan([str(tmp_path / "part-0.parquet")], 0, 0.1, 4, 100)
     assert (plan.train_rows, plan.val_rows) == (36, 4)
-    session = LocalSession(torch.device("cpu"), tmp_path / "checkpoints")
+
+    class Recording(LocalSession):
+        def report(self, metrics, checkpoint_dir, step):
+            reports.append((step, checkpoint_dir is not None))
+            super().report(metrics, checkpoint_dir, step)
+
+    reports = []
+    session = Recording(torch.device("cpu"), tmp_path / "checkpoints")
     result = run_loop(cfg, session, plan, plan_schedule(cfg.train, plan.train_rows), str(tmp_path / "run"))
     assert result["progress"]["step"] == 3 and result["progress"]["rows"] == 12
+    # Ray Train takes one report per controller poll (2 s): a report every step would cap training at half a
+    # step a second. Only checkpoints are reported; every step's metrics still go to metrics.jsonl.
+    assert reports == [(2, True), (3, True)]
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3]
     # Validated at step 2 and at the end; every checkpoint carries its validation.
     assert [p.name for p in session.checkpoints] == ["checkpoint_step00000002", "checkpoint_step00000003"]
     assert result["validation"]["step"] == 3 and result["validation"]["rows"] == 4

@@ -599,10 +599,10 @@ class Trainer:
         if self.validator is not None and (p.step % s.val_every == 0 or checkpoint_now):
             self.validate()
         self._post()
+        # Only checkpoints go to Ray Train: its controller takes one report per poll (2 s), so a report every
+        # step would hold every step that long. Per-step metrics go to metrics.jsonl and the trackers above.
         if checkpoint_now or p.stopped_early:
             self.checkpoint()
-        elif p.step % self.cfg.train.log_every == 0:
-            self.session.report(self.metrics, None, p.step)
         self.window_start = time.perf_counter()
 
     def validate(self) -> None:
