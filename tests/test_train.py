@@ -177,13 +177,9 @@ def test_a_finished_run_extends_when_rerun_with_more_steps(ray_session, random_t
     assert result.resumed_from == 5 and result.global_step == 10
 
 
-@pytest.mark.slow
-def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_session, random_tiny_model, distilled,
-                                                                       tmp_path, monkeypatch):
-    """Shuffled every epoch, interrupted at step 7 and resumed from the step-6 checkpoint: per rank and step the
-    same rows as a run that was never interrupted (none twice, none skipped), and the same final weights."""
-    import torch
-
+def _straight_and_interrupted(model, data, tmp_path, monkeypatch, *overrides):
+    """The same run twice: straight through, and failed at step 7 then resumed from its step-6 checkpoint.
+    Each with the rows every rank read at every step."""
 
     def records(directory: Path) -> dict[tuple[int, int], list[str]]:
         out = {}
@@ -198,10 +194,27 @@ def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_sessio
         record = tmp_path / f"rows-{name}"
         record.mkdir()
         monkeypatch.setenv(*faults.env(train_record_rows_dir=str(record), **fail_at).popitem())
-        cfg = _cfg(random_tiny_model, distilled, tmp_path, name, "train.zero_stage=2", "train.max_steps=40",
-                   "train.checkpoint_every=3", "train.seed=5", "train.max_failures=1", "train.feature_cache=true")
+        cfg = _cfg(model, data, tmp_path, name, "train.zero_stage=2", "train.checkpoint_every=3", "train.seed=5",
+                   "train.max_failures=1", "train.feature_cache=true", *overrides)
         runs[name] = (run(cfg), records(record))
-    (straight, straight_rows), (resumed, resumed_rows) = runs["straight"], runs["interrupted"]
+    return runs["straight"], runs["interrupted"]
+
+
+def _assert_same_weights(straight, resumed) -> None:
+    import torch
+
+    a, b = checkpoints.read_weights(Path(straight.checkpoint)), checkpoints.read_weights(Path(resumed.checkpoint))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_session, random_tiny_model, distilled,
+                                                                       tmp_path, monkeypatch):
+    """Shuffled every epoch, interrupted at step 7 and resumed from the step-6 checkpoint: per rank and step the
+    same rows as a run that was never interrupted (none twice, none skipped), and the same final weights."""
+    (straight, straight_rows), (resumed, resumed_rows) = _straight_and_interrupted(
+        random_tiny_model, distilled, tmp_path, monkeypatch, "train.max_steps=40")
     assert resumed.resumed_from == 6 and straight.global_step == resumed.global_step == 40
     assert resumed_rows == straight_rows
     # Within an epoch (216 training rows: 256, less 17 repeated ids and 23 for validation) no row comes twice;
@@ -209,9 +222,28 @@ def test_resumed_run_reads_exactly_the_rows_an_uninterrupted_one_does(ray_sessio
     first = [i for (rank, step), batch in straight_rows.items() if step <= 13 for i in batch]
     assert len(first) == 13 * 2 * 4 == len(set(first))
     assert sum(len(b) for b in straight_rows.values()) > len({i for b in straight_rows.values() for i in b})
-    a, b = checkpoints.read_weights(Path(straight.checkpoint)), checkpoints.read_weights(Path(resumed.checkpoint))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    _assert_same_weights(straight, resumed)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_soft_targets_and_several_samples_per_prompt(ray_session, random_tiny_model,
+                                                                         distilled, tmp_path, monkeypatch):
+    """Issue 23: with soft targets (from the feature cache) and two replies per prompt (rows ``<id>`` and
+    ``<id>#s1``), a resumed run still reads the rows a straight one does and ends with the same weights."""
+    sampled = tmp_path / "sampled"
+    sampled.mkdir()
+    for shard in sorted(distilled.glob("*.parquet")):
+        rows = pq.read_table(shard).to_pylist()
+        second = [{**r, "id": f"{r['id']}#s1",
+                   "messages": [{**m, "content": m["content"][::-1]} if m["role"] == "assistant" else m
+                                for m in r["messages"]]} for r in rows]
+        pq.write_table(pa.Table.from_pylist(rows + second, schema=pq.read_schema(shard)), sampled / shard.name)
+    (straight, straight_rows), (resumed, resumed_rows) = _straight_and_interrupted(
+        random_tiny_model, sampled, tmp_path, monkeypatch, "train.max_steps=12", "train.soft_target_weight=0.5")
+    assert resumed.resumed_from == 6 and straight.global_step == resumed.global_step == 12
+    assert resumed_rows == straight_rows
+    assert any(i.endswith("#s1") for b in straight_rows.values() for i in b)
+    _assert_same_weights(straight, resumed)
 
 
 def test_export_without_checkpoint_picks_the_best_validated_one(random_tiny_model, tmp_path, capsys):
