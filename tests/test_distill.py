@@ -467,6 +467,20 @@ def test_sampled_replies_are_kept_as_generated_ids_and_trained_on_verbatim(serve
 
 
 @pytest.mark.slow
+def test_seeded_sampling_survives_prompts_prefilled_over_several_engine_steps(serve_app, tiny_model, tmp_path):
+    """On vLLM's CPU build a seeded request whose prompt was prefilled over two engine steps (chunked prefill)
+    killed the engine ("CPU Generator does not use offset"): vLLM rewinds that request's generator, which a CPU
+    generator cannot do. Sampled replies to more prompt tokens than one engine step takes must all come back."""
+    words = " ".join(corpus.plain_text(200, seed=4))
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} {words[i:i + 300]}"}]})
+                               + "\n" for i in range(60)))
+    summary = distill.run(_cfg(tiny_model, prompts, tmp_path / "out", temperature=0.8, samples_per_prompt=2,
+                               seed=1))
+    assert (summary.rows_out, summary.failed) == (120, 0)
+
+
+@pytest.mark.slow
 def test_bad_lines_are_reported_with_location(distill_run, prompts):
     cfg, _ = distill_run
     invalid = {e["source"]: e for e in _errors(Path(cfg.distill.output_dir)) if e["reason"] == "invalid"}

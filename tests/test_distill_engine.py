@@ -14,9 +14,10 @@ def test_fixed_replicas_without_bounds_and_queue_depth_autoscaling_with_them():
                                             "target_ongoing_requests": 32}
 
 
-def test_cpu_replicas_take_a_tenth_of_ram_unless_told_otherwise():
-    assert with_cpu_defaults({}, "cpu") == {"gpu_memory_utilization": 0.1}
-    assert with_cpu_defaults({"gpu_memory_utilization": 0.3}, "cpu") == {"gpu_memory_utilization": 0.3}
+def test_cpu_replicas_take_a_tenth_of_ram_and_no_chunked_prefill_unless_told_otherwise():
+    assert with_cpu_defaults({}, "cpu") == {"gpu_memory_utilization": 0.1, "enable_chunked_prefill": False}
+    assert with_cpu_defaults({"gpu_memory_utilization": 0.3, "enable_chunked_prefill": True}, "cpu") == \
+        {"gpu_memory_utilization": 0.3, "enable_chunked_prefill": True}
     assert with_cpu_defaults({}, "gpu") == {}
 
 

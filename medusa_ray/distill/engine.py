@@ -281,10 +281,17 @@ def _engine_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 def with_cpu_defaults(kwargs: dict[str, Any], accelerator: str) -> dict[str, Any]:
-    """On CPU vLLM reads gpu_memory_utilization as a share of *system* RAM: its 0.9 default would take the
-    machine, so a CPU replica gets a tenth unless the user chose otherwise."""
+    """vLLM's CPU build, unless the user chose otherwise:
+
+    - ``gpu_memory_utilization`` 0.1: it is read as a share of *system* RAM, and the 0.9 default would take the
+      machine;
+    - no chunked prefill: when a prompt's prefill is split over two engine steps, vLLM rewinds the seeded
+      generator of that request, which a CPU generator cannot do ("CPU Generator does not use offset"), and the
+      engine dies. Distill seeds every sampled request, so with ``temperature > 0`` and more prompt tokens in
+      flight than one step takes, a CPU replica crashed.
+    """
     if accelerator == "cpu":
-        return {"gpu_memory_utilization": 0.1, **kwargs}
+        return {"gpu_memory_utilization": 0.1, "enable_chunked_prefill": False, **kwargs}
     return kwargs
 
 
